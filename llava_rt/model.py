@@ -1,0 +1,400 @@
+"""The one LLaVA network: CLIP vision tower -> projector -> Llama decoder.
+
+The trainer trains it, the exporter traces it and the torch engine runs it. Parameter names
+follow transformers (see checkpoint.py for the key mapping), so weights move both ways.
+
+Attention inside the decoder runs in one of three ways, chosen by what the caller passes:
+  * no cache (training, parity tests): causal SDPA over the batch, with an optional padding mask;
+  * `PagedKV` (the engine): new keys/values are written into a paged cache through a slot
+    mapping, and each query attends to its sequence's blocks;
+  * `DenseKV` (the ONNX exporter): past keys/values come in as tensors and go out concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+    return {
+        "quick_gelu": quick_gelu,
+        "gelu": F.gelu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "linear": lambda x: x,
+    }[name]
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.act = activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    """CLIP ViT (pre-LN). `post_layernorm` is kept for weight round trips; LLaVA never uses it."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, transformers' name
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def hidden_states(self, pixel_values: torch.Tensor, upto: int) -> list[torch.Tensor]:
+        """[embeddings output, layer 1 output, ...], stopping after `upto` layers: later ones are unused."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = [x]
+        for layer in self.encoder.layers[:upto]:
+            x = layer(x)
+            states.append(x)
+        return states
+
+
+class Projector(nn.Module):
+    """LLaVA's linear W, or LLaVA-1.5's two-layer GELU MLP."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        in_dim = cfg.vision_config.hidden_size * len(cfg.feature_layers)
+        out_dim = cfg.text_config.hidden_size
+        bias = cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        if cfg.projector_type == "mlp2x_gelu":
+            self.act = activation(cfg.projector_hidden_act)
+            self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+        else:
+            self.linear_2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(self.act(x))
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of shape [*positions.shape, head_dim], computed in fp32 like transformers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class PagedKV:
+    """The engine's paged KV cache for one forward call.
+
+    Caches are [num_blocks, block_size, kv_heads, head_dim] per layer. Sequence b's token at
+    position p lives in block block_tables[b, p // block_size] at offset p % block_size.
+    """
+
+    k_caches: list[torch.Tensor]
+    v_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [B, T] flat slot of each new token; -1 for padding
+    block_tables: torch.Tensor  # [B, max_blocks] (padding entries may hold any valid block id)
+    context_lens: torch.Tensor  # [B] tokens of each sequence in the cache after this step
+
+
+@dataclass
+class DenseKV:
+    """Past keys/values as plain tensors [B, kv_heads, past, head_dim] per layer (ONNX export)."""
+
+    past_k: list[torch.Tensor]
+    past_v: list[torch.Tensor]
+    attention_mask: torch.Tensor  # [B, past + T]: 1 for real tokens, 0 for padding
+    present_k: list[torch.Tensor | None]
+    present_v: list[torch.Tensor | None]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, positions, attention_mask, kv) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(kv, PagedKV):
+            out = self._paged(q, k, v, positions, kv)
+        elif isinstance(kv, DenseKV):
+            out = self._dense(q, k, v, kv)
+        else:
+            out = self._plain(q, k, v, attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _sdpa(self, q, k, v, mask=None, is_causal=False):
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+    def _plain(self, q, k, v, attention_mask):
+        t = q.shape[2]
+        if attention_mask is None:
+            return self._sdpa(q, k, v, is_causal=t > 1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        mask = causal[None] & attention_mask.bool()[:, None, :]
+        # A padded query row that sees nothing would give NaN; let it see itself.
+        mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)[None]
+        return self._sdpa(q, k, v, mask[:, None])
+
+    def _paged(self, q, k, v, positions, kv: PagedKV):
+        k_cache, v_cache = kv.k_caches[self.layer_idx], kv.v_caches[self.layer_idx]
+        num_blocks, block_size, n_kv, d = k_cache.shape
+        slots = kv.slot_mapping.reshape(-1)
+        keep = slots >= 0
+        new_k = k.transpose(1, 2).reshape(-1, n_kv, d)[keep]
+        new_v = v.transpose(1, 2).reshape(-1, n_kv, d)[keep]
+        k_cache.view(-1, n_kv, d).index_copy_(0, slots[keep], new_k.to(k_cache.dtype))
+        v_cache.view(-1, n_kv, d).index_copy_(0, slots[keep], new_v.to(v_cache.dtype))
+        b = q.shape[0]
+        keys = k_cache[kv.block_tables].view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
+        values = v_cache[kv.block_tables].view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
+        key_pos = torch.arange(keys.shape[2], device=q.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv.context_lens[:, None, None])
+        return self._sdpa(q, keys, values, mask[:, None])
+
+    def _dense(self, q, k, v, kv: DenseKV):
+        keys = torch.cat([kv.past_k[self.layer_idx], k], dim=2)
+        values = torch.cat([kv.past_v[self.layer_idx], v], dim=2)
+        kv.present_k[self.layer_idx], kv.present_v[self.layer_idx] = keys, values
+        t, total = q.shape[2], keys.shape[2]
+        past = total - t
+        q_pos = torch.arange(t, device=q.device)[:, None] + past
+        k_pos = torch.arange(total, device=q.device)[None, :]
+        mask = (k_pos <= q_pos)[None] & kv.attention_mask.bool()[:, None, :]
+        mask = mask | (k_pos == q_pos)[None]  # padded rows see themselves, never NaN
+        return self._sdpa(q, keys, values, mask[:, None])
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        bias = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, positions, attention_mask, kv) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, attention_mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds, positions, attention_mask=None, kv=None) -> torch.Tensor:
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, attention_mask, kv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, attention_mask, kv)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- LLaVA
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision_config)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LlamaModel(cfg.text_config)
+        self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        n_states = cfg.vision_config.num_hidden_layers + 1
+        self._feature_indices = [layer % n_states for layer in cfg.feature_layers]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] pixels -> [N, image_seq_length, text hidden] embeddings for the decoder."""
+        states = self.vision_tower.hidden_states(pixel_values, upto=max(self._feature_indices))
+        selected = [states[i] for i in self._feature_indices]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = [s[:, 1:] for s in selected]  # drop CLS
+        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+        return self.multi_modal_projector(features)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features spliced in, in order, at the image-token positions.
+
+        Without image features every id is embedded as a plain token (a decode step may sample
+        the image token id; transformers embeds it the same way).
+        """
+        embed = self.language_model.embed_tokens
+        if image_features is None:
+            return embed(input_ids)
+        is_image = input_ids == self.config.image_token_index
+        # The image token id may lie outside the embedding table; its rows are replaced anyway.
+        embeds = embed(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        n_slots = int(is_image.sum())
+        n_features = image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_features:
+            raise ValueError(
+                f"the prompt has {n_slots} image-token slots but {n_features} image features were given "
+                f"({self.config.image_seq_length} per image); pass one image per <image> in the prompt"
+            )
+        return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        kv: PagedKV | DenseKV | None = None,
+        image_features: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab], or [B, vocab] at `logits_index` (one position per row).
+
+        `positions` defaults to 0..T-1; with right padding and `attention_mask` that is what
+        training wants. The engine passes positions and a PagedKV.
+        """
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        embeds = self.embed(input_ids, image_features)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        hidden = self.language_model(embeds, positions, attention_mask, kv)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_weights(model: LlavaForConditionalGeneration, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights like transformers' init: normal(0, std) matrices, unit norms, zero biases."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)

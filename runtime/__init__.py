@@ -1,0 +1,1 @@
+"""Engines (torch), sampling and the llava-infer command."""

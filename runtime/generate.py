@@ -1,0 +1,100 @@
+"""Batched generation over an engine: prefill a batch, decode until every request ends.
+
+Requests leave the batch (and free their KV blocks) as soon as they finish. The continuous
+batching scheduler, where requests also join between steps, builds on the same engine calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .engine import Engine, SequenceInput
+from .sampling import Sampler, SamplingParams
+
+_seq_ids = itertools.count()
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    image_embeds: Any = None  # from engine.encode_images, one per <image> in the prompt
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]  # generated tokens, without the stop token
+    finish_reason: str  # "stop": EOS or a stop token; "length": max_new_tokens or the context is full
+    prompt_tokens: int
+    ttft_s: float  # from the call to the first token
+    total_s: float
+
+
+def check_prompt_fits(n_prompt: int, max_context: int) -> None:
+    if n_prompt >= max_context:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens but the model's context is {max_context}; "
+            "shorten the question (an image takes image_seq_length tokens)"
+        )
+
+
+def generate(
+    engine: Engine,
+    requests: list[GenerationRequest],
+    eos_token_ids: set[int],
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[GenerationOutput]:
+    """Generate for all requests together; on_token(request_index, token_id) streams tokens."""
+    for r in requests:
+        check_prompt_fits(len(r.prompt_ids), engine.max_context)
+    start = time.perf_counter()
+    seq_ids = [next(_seq_ids) for _ in requests]
+    samplers = [Sampler(r.params) for r in requests]
+    tokens: list[list[int]] = [[] for _ in requests]
+    first: list[float | None] = [None] * len(requests)
+    reasons: list[str | None] = [None] * len(requests)
+    ends: list[float] = [0.0] * len(requests)
+
+    def accept(i: int, logits_row) -> None:
+        token = samplers[i](logits_row)
+        now = time.perf_counter()
+        if first[i] is None:
+            first[i] = now - start
+        params = requests[i].params
+        if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reasons[i] = "stop"
+        else:
+            tokens[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
+            full = engine.seq_len(seq_ids[i]) + 1 >= engine.max_context
+            if len(tokens[i]) >= params.max_new_tokens or full:
+                reasons[i] = "length"
+        if reasons[i] is not None:
+            ends[i] = now - start
+            engine.release(seq_ids[i])
+
+    try:
+        logits = engine.prefill(
+            [SequenceInput(s, r.prompt_ids, r.image_embeds) for s, r in zip(seq_ids, requests)]
+        )
+        for i in range(len(requests)):
+            accept(i, logits[i])
+        while True:
+            running = [i for i in range(len(requests)) if reasons[i] is None]
+            if not running:
+                break
+            logits = engine.decode([seq_ids[i] for i in running], [tokens[i][-1] for i in running])
+            for row, i in enumerate(running):
+                accept(i, logits[row])
+    finally:
+        for i, s in enumerate(seq_ids):
+            if reasons[i] is None:
+                engine.release(s)
+    return [
+        GenerationOutput(tokens[i], reasons[i], len(r.prompt_ids), first[i], ends[i])
+        for i, r in enumerate(requests)
+    ]

@@ -1,0 +1,134 @@
+"""The torch engine: our model with a paged KV cache, batched prefill and decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llava_rt.checkpoint import load_model
+from llava_rt.model import LlavaForConditionalGeneration, PagedKV
+
+from .engine import SequenceInput
+from .kv_cache import BlockAllocator, CacheFullError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+class TorchEngine:
+    backend = "torch"
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        block_size: int = 16,
+        kv_cache_bytes: int = 1 << 30,
+        max_num_seqs: int = 64,
+    ):
+        self.model = model.eval()
+        self.config = model.config
+        text = self.config.text_config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_context = text.max_position_embeddings
+        bytes_per_block = 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * param.element_size()
+        # No more blocks than max_num_seqs full-length sequences could use.
+        useful = max_num_seqs * -(-self.max_context // block_size)
+        num_blocks = max(1, min(useful, kv_cache_bytes // bytes_per_block))
+        shape = (num_blocks, block_size, text.num_key_value_heads, text.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
+        self.blocks = BlockAllocator(num_blocks, block_size)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", **kwargs) -> "TorchEngine":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        return cls(load_model(model_dir, device=device, dtype=parse_dtype(dtype)), **kwargs)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    def seq_len(self, seq_id: int) -> int:
+        return self.blocks.length(seq_id)
+
+    def release(self, seq_id: int) -> None:
+        self.blocks.release(seq_id)
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        return self.model.encode_images(pixels)
+
+    def prefill(self, sequences: list[SequenceInput]) -> np.ndarray:
+        image_token = self.config.image_token_index
+        features = []
+        for s in sequences:
+            n_slots = sum(1 for t in s.token_ids if t == image_token)
+            n_images = 0 if s.image_embeds is None else len(s.image_embeds)
+            if n_slots != n_images * self.config.image_seq_length:
+                raise ValueError(
+                    f"sequence {s.seq_id}: {n_slots} image-token slots but {n_images} images "
+                    f"({self.config.image_seq_length} slots each)"
+                )
+            if n_images:
+                features.append(s.image_embeds)
+        image_features = torch.cat(features) if features else None
+        return self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        return self._forward(seq_ids, [[t] for t in tokens], None)
+
+    @torch.inference_mode()
+    def _forward(self, seq_ids: list[int], token_lists: list[list[int]], image_features) -> np.ndarray:
+        new = {s: len(t) for s, t in zip(seq_ids, token_lists)}
+        if len(new) != len(seq_ids) or any(n == 0 for n in new.values()):
+            raise ValueError("each sequence must appear once with at least one token")
+        for s, n in new.items():
+            if self.blocks.length(s) + n > self.max_context:
+                raise ValueError(
+                    f"sequence {s} would reach {self.blocks.length(s) + n} tokens, over the model's "
+                    f"context of {self.max_context}"
+                )
+        if not self.blocks.can_append(new):
+            raise CacheFullError(
+                f"KV cache full: {len(seq_ids)} sequences need more blocks than the {self.blocks.num_free_blocks} free"
+            )
+        before = {s: self.blocks.length(s) for s in seq_ids}
+        try:
+            return self._run(seq_ids, token_lists, image_features, max(new.values()))
+        except BaseException:
+            for s, n in before.items():  # undo this step's reservations so a failed call loses nothing
+                if s in self.blocks.lengths:
+                    self.blocks.truncate(s, n)
+            raise
+
+    def _run(self, seq_ids, token_lists, image_features, t) -> np.ndarray:
+        b = len(seq_ids)
+        pad = self.config.text_config.pad_token_id or 0
+        ids = np.full((b, t), pad, dtype=np.int64)
+        positions = np.zeros((b, t), dtype=np.int64)
+        slots = np.full((b, t), -1, dtype=np.int64)
+        for row, (s, toks) in enumerate(zip(seq_ids, token_lists)):
+            start = self.blocks.length(s)
+            ids[row, : len(toks)] = toks
+            positions[row, : len(toks)] = np.arange(start, start + len(toks))
+            slots[row, : len(toks)] = self.blocks.append(s, len(toks))
+        tables = [self.blocks.tables[s] for s in seq_ids]
+        width = max(len(tb) for tb in tables)
+        block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
+        lens = np.array([self.blocks.length(s) for s in seq_ids], dtype=np.int64)
+        as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens))
+        last = as_tensor(np.array([len(x) - 1 for x in token_lists], dtype=np.int64))
+        logits = self.model(as_tensor(ids), positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
+        return logits.float().cpu().numpy()
