@@ -48,12 +48,13 @@ class Sampler:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
         if p.top_p < 1.0:
-            order = np.argsort(-scores, kind="stable")
-            probs = np.exp(scores[order] - scores[order[0]])
+            # As transformers: drop the low tail whose total mass is at most 1 - top_p; keep the best token.
+            order = np.argsort(scores, kind="stable")  # ascending
+            probs = np.exp(scores[order] - scores[order[-1]])
             probs /= probs.sum()
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
-            scores[order[cut:]] = -np.inf
+            drop = np.cumsum(probs) <= 1.0 - p.top_p
+            drop[-1] = False
+            scores[order[drop]] = -np.inf
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
         return int(self.rng.choice(probs.shape[-1], p=probs))

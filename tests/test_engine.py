@@ -1,0 +1,137 @@
+"""The torch engine: batching must not change answers; the paged cache must be returned."""
+
+import numpy as np
+import pytest
+import torch
+
+from llava_rt.checkpoint import load_model
+from llava_rt.model import DenseKV
+from llava_rt.runtime.engine import SequenceInput, load_engine
+from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.runtime.kv_cache import BlockAllocator, CacheFullError
+from llava_rt.runtime.sampling import SamplingParams
+from tiny import make_checkpoint, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine") / "m", tiny_config(num_kv_heads=2))
+
+
+def requests_for(engine, seed=0):
+    cfg = engine.config
+    gen = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i, n_text in enumerate([4, 30, 11, 1, 19]):
+        text = torch.randint(3, 290, (n_text,), generator=gen).tolist()
+        if i % 2 == 0:  # image requests
+            ids = [1, 5] + [cfg.image_token_index] * cfg.image_seq_length + text
+            emb = engine.encode_images(torch.randn(1, 3, 28, 28, generator=gen).numpy())
+        else:  # text-only requests are first-class
+            ids, emb = [1] + text, None
+        reqs.append(GenerationRequest(ids, emb, SamplingParams(max_new_tokens=6 + 5 * i)))
+    return reqs
+
+
+def test_batched_equals_alone(ckpt):
+    engine = load_engine(ckpt, block_size=4)
+    reqs = requests_for(engine)
+    together = generate(engine, reqs, eos_token_ids=set())
+    for req, out in zip(reqs, together):
+        alone = generate(engine, [req], eos_token_ids=set())[0]
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == req.params.max_new_tokens
+    assert engine.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_prefill_in_chunks_equals_whole(ckpt):
+    engine = load_engine(ckpt, block_size=4)
+    req = requests_for(engine)[1]  # text-only
+    whole = engine.prefill([SequenceInput(100, req.prompt_ids)])
+    engine.prefill([SequenceInput(101, req.prompt_ids[:7])])
+    engine.prefill([SequenceInput(101, req.prompt_ids[7:20])])
+    chunked = engine.prefill([SequenceInput(101, req.prompt_ids[20:])])
+    np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
+    engine.release(100), engine.release(101)
+
+
+def test_eos_stops_and_streams(ckpt):
+    engine = load_engine(ckpt)
+    req = requests_for(engine)[0]
+    free_run = generate(engine, [req], eos_token_ids=set())[0].token_ids
+    eos = free_run[3]
+    streamed = []
+    out = generate(engine, [req], eos_token_ids={eos}, on_token=lambda i, t: streamed.append(t))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free_run[: free_run.index(eos)]
+    assert streamed == out.token_ids
+
+
+def test_sampling_is_seeded_and_batch_independent(ckpt):
+    engine = load_engine(ckpt)
+    reqs = requests_for(engine)
+    for r in reqs:
+        r.params = SamplingParams(max_new_tokens=8, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    together = [o.token_ids for o in generate(engine, reqs, set())]
+    alone = [generate(engine, [r], set())[0].token_ids for r in reqs]
+    assert together == alone
+    greedy = generate(engine, [GenerationRequest(reqs[1].prompt_ids, None, SamplingParams(max_new_tokens=8))], set())
+    assert together[1] != greedy[0].token_ids  # sampling at temperature 1.5 does sample
+
+
+def test_padded_training_forward_matches_unpadded(ckpt):
+    model = load_model(ckpt)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(3, 290, (1, 12), generator=gen)
+    b = torch.randint(3, 290, (1, 7), generator=gen)
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    batch[0], batch[1, :7] = a[0], b[0]
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0], mask[1, :7] = 1, 1
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask)
+        torch.testing.assert_close(padded[0], model(a)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded[1, :7], model(b)[0], atol=1e-5, rtol=0)
+
+
+def test_dense_kv_matches_full_forward(ckpt):
+    """The exporter's past/present path gives the same logits as one full forward."""
+    model = load_model(ckpt)
+    cfg = model.config.text_config
+    ids = torch.randint(3, 290, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        empty = [torch.zeros(2, cfg.num_key_value_heads, 0, cfg.head_dim) for _ in range(cfg.num_hidden_layers)]
+        kv = DenseKV(empty, list(empty), torch.ones(2, 6), [None] * 2, [None] * 2)
+        first = model(ids[:, :6], kv=kv)
+        kv2 = DenseKV(kv.present_k, kv.present_v, torch.ones(2, 10), [None] * 2, [None] * 2)
+        rest = model(ids[:, 6:], positions=torch.arange(6, 10).expand(2, -1), kv=kv2)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=0)
+
+
+def test_failed_step_loses_nothing(ckpt):
+    engine = load_engine(ckpt)
+    cfg = engine.config
+    bad = [1] + [cfg.image_token_index] * cfg.image_seq_length  # image slots without an image
+    with pytest.raises(ValueError, match="image"):
+        engine.prefill([SequenceInput(7, bad)])
+    assert engine.seq_len(7) == 0 and engine.num_free_blocks == engine.blocks.num_blocks
+    with pytest.raises(ValueError, match="context"):
+        engine.prefill([SequenceInput(8, [1] * (engine.max_context + 1))])
+    assert engine.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_block_allocator():
+    blocks = BlockAllocator(num_blocks=5, block_size=4)
+    assert blocks.append(1, 6) == [b * 4 + o for b, o in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]]
+    assert blocks.num_free_blocks == 3
+    slots = blocks.append(2, 9)  # three blocks
+    assert len(set(s // 4 for s in slots)) == 3 and blocks.num_free_blocks == 0
+    assert not blocks.can_append({1: 3})
+    assert blocks.can_append({1: 2})
+    with pytest.raises(CacheFullError, match="KV cache full"):
+        blocks.append(1, 3)
+    blocks.truncate(2, 4)
+    assert blocks.length(2) == 4 and blocks.num_free_blocks == 2
+    blocks.release(1), blocks.release(2)
+    assert blocks.num_free_blocks == 5 and not blocks.tables
