@@ -49,6 +49,8 @@ class Pipeline:
     def load(cls, model_dir: str | Path, backend: str = "torch", device: str = "cpu", dtype: str = "float32", **kw) -> "Pipeline":
         from llava_rt.config import LlavaConfig
 
+        if not Path(model_dir).is_dir():
+            raise ValueError(f"model directory {model_dir} not found; pass --model with a llava-hf style directory")
         # Cheap files first, so a broken directory fails before the weights load.
         config = LlavaConfig.load(model_dir)
         text = TextProcessor.load(model_dir, config.image_token_index, config.image_seq_length)
