@@ -328,14 +328,17 @@ class LlavaForConditionalGeneration(nn.Module):
         n_states = cfg.vision_config.num_hidden_layers + 1
         self._feature_indices = [layer % n_states for layer in cfg.feature_layers]
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] pixels -> [N, image_seq_length, text hidden] embeddings for the decoder."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projector's input: the selected vision layer(s), CLS dropped or kept."""
         states = self.vision_tower.hidden_states(pixel_values, upto=max(self._feature_indices))
         selected = [states[i] for i in self._feature_indices]
         if self.config.vision_feature_select_strategy == "default":
             selected = [s[:, 1:] for s in selected]  # drop CLS
-        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-        return self.multi_modal_projector(features)
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] pixels -> [N, image_seq_length, text hidden] embeddings for the decoder."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features spliced in, in order, at the image-token positions.
