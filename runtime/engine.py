@@ -45,7 +45,7 @@ class Engine(Protocol):
     def num_free_blocks(self) -> int: ...
 
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def load_engine(model_dir, backend: str = "torch", device: str = "cpu", dtype: str = "float32", **kwargs) -> Engine:
@@ -54,4 +54,8 @@ def load_engine(model_dir, backend: str = "torch", device: str = "cpu", dtype: s
         from .torch_engine import TorchEngine
 
         return TorchEngine.load(model_dir, device=device, dtype=dtype, **kwargs)
+    if backend == "onnxruntime":  # an export directory, or MODEL_DIR with its export in MODEL_DIR/onnx
+        from .ort_engine import OrtEngine
+
+        return OrtEngine.load(model_dir, device=device, dtype=dtype, **kwargs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("question", nargs="?", help="the question; leave out for an interactive chat")
     p.add_argument("--no-image", action="store_true", help="ask a text-only question")
     p.add_argument("--model", type=Path, help="model directory in the llava-hf layout (default: $LLAVA_RT_MODEL)")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="inference engine")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="inference engine; auto: onnxruntime on the CPU when MODEL/onnx (or MODEL itself) is a "
+                        "matching llava-export directory, else torch")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -52,6 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.image is None:
         p.error("give an image file and a question (or --no-image with a question)")
     return args
+
+
+def choose_backend(model_dir: Path, device: str, dtype: str) -> str:
+    """auto: onnxruntime (no torch import: the fast start) when an export matching the checkpoint is there."""
+    from .manifest import ArtifactError, find_export, read_manifest
+
+    export = find_export(model_dir)
+    if export is None or device != "cpu":
+        return "torch"
+    if export == model_dir:  # an export directory alone: only onnxruntime can run it
+        return "onnxruntime"
+    try:
+        import onnxruntime  # noqa: F401
+
+        manifest = read_manifest(export, source_dir=model_dir)
+    except ImportError:
+        return "torch"
+    except ArtifactError as e:
+        print(f"{PROG}: note: not using {export}: {e}; running the torch engine", file=sys.stderr)
+        return "torch"
+    export_dtype = {"fp32": "float32", "fp16": "float16"}[manifest["dtype"]]
+    return "onnxruntime" if dtype in ("float32", export_dtype) else "torch"
 
 
 def fail(message: str) -> int:
@@ -80,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, seed=args.seed,
         )
         images = [] if args.image is None else [load_image(args.image, max_pixels=args.max_image_pixels)]
-        pipe = Pipeline.load(model_dir, backend=args.backend, device=args.device, dtype=args.dtype)
+        backend = args.backend
+        if backend == "auto":
+            backend = choose_backend(Path(model_dir), args.device, args.dtype)
+        pipe = Pipeline.load(model_dir, backend=backend, device=args.device, dtype=args.dtype)
         if args.question is not None:
             return answer_once(pipe, images, args.question, params, args.json)
         return interactive(pipe, images, params, user_message)

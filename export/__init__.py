@@ -1,0 +1,1 @@
+"""llava-export: checkpoints to verified ONNX export directories with a manifest."""
