@@ -132,10 +132,22 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
         else:
             self.linear_2 = None
+        self.act_name = cfg.projector_hidden_act if self.linear_2 is not None else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear_1(x)
         return x if self.linear_2 is None else self.linear_2(self.act(x))
+
+    def project_into(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, use_kernels: bool) -> None:
+        """out[rows] = self(x): with use_kernels, the fused Triton projector writes the rows itself."""
+        from llava_rt.kernels.projector import ACTIVATIONS, fused_projector
+
+        if use_kernels and self.act_name in ACTIVATIONS:
+            l2 = self.linear_2
+            fused_projector(x.to(out.dtype), self.linear_1.weight, self.linear_1.bias, None if l2 is None else l2.weight,
+                            None if l2 is None else l2.bias, self.act_name, out, rows)
+        else:
+            out[rows] = self(x).to(out.dtype)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -183,6 +195,28 @@ class PagedKV:
     slot_mapping: torch.Tensor  # [B, T] flat slot of each new token; -1 for padding
     block_tables: torch.Tensor  # [B, max_blocks] (padding entries may hold any valid block id)
     context_lens: torch.Tensor  # [B] tokens of each sequence in the cache after this step
+    # The Triton path (kernels/): cos/sin tables [max_positions, head_dim // 2] fp32 from
+    # kernels.rope_kv.rope_tables. Set by the engine on CUDA (tests: CPU under TRITON_INTERPRET=1).
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class VisionFeatures:
+    """Un-projected vision features [N, image_seq_length, projector input] that `embed` projects
+    straight into the image-token rows of the embedding buffer (the fused projector kernel)."""
+
+    features: torch.Tensor
+    use_kernels: bool = True
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index) -> "VisionFeatures":
+        return VisionFeatures(self.features[index], self.use_kernels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape)
 
 
 @dataclass
@@ -210,6 +244,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, positions, attention_mask, kv) -> torch.Tensor:
         b, t, _ = x.shape
+        if isinstance(kv, PagedKV) and kv.rope_tables is not None:
+            return self.o_proj(self._paged_kernels(x, positions, kv))
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -253,6 +289,29 @@ class LlamaAttention(nn.Module):
         key_pos = torch.arange(keys.shape[2], device=q.device)
         mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv.context_lens[:, None, None])
         return self._sdpa(q, keys, values, mask[:, None])
+
+    def _paged_kernels(self, x, positions, kv: PagedKV) -> torch.Tensor:
+        """The Triton path: RoPE fused with the cache write, then paged decode or chunked-prefill
+        attention straight from the cache. Same result as apply_rope + _paged. [B, T, heads * D]."""
+        from llava_rt.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+        from llava_rt.kernels.rope_kv import rope_kv_write
+
+        b, t, _ = x.shape
+        k_cache, v_cache = kv.k_caches[self.layer_idx], kv.v_caches[self.layer_idx]
+        q = self.q_proj(x).view(b * t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
+        cos, sin = kv.rope_tables
+        q = rope_kv_write(q, k, v, positions.reshape(-1), cos, sin, k_cache, v_cache, kv.slot_mapping.reshape(-1))
+        scale = self.head_dim**-0.5
+        if t == 1:
+            out = paged_decode_attention(q, k_cache, v_cache, kv.block_tables, kv.context_lens, scale)
+        else:  # rows are padded to t; padding (slot -1) sits after each row's real tokens
+            q_lens = (kv.slot_mapping >= 0).sum(1)
+            q_start = torch.arange(b, device=x.device) * t
+            out = paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, q_start, q_lens, kv.context_lens, scale,
+                                          out=torch.zeros_like(q), max_q_len=t)
+        return out.view(b, t, -1)
 
     def _dense(self, q, k, v, kv: DenseKV):
         keys = torch.cat([kv.past_k[self.layer_idx], k], dim=2)
@@ -359,6 +418,11 @@ class LlavaForConditionalGeneration(nn.Module):
                 f"the prompt has {n_slots} image-token slots but {n_features} image features were given "
                 f"({self.config.image_seq_length} per image); pass one image per <image> in the prompt"
             )
+        if isinstance(image_features, VisionFeatures):  # project straight into the image rows
+            rows = is_image.reshape(-1).nonzero().squeeze(1)
+            x = image_features.features.reshape(n_features, -1)
+            self.multi_modal_projector.project_into(x, embeds.view(-1, embeds.shape[-1]), rows, image_features.use_kernels)
+            return embeds
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
     def forward(

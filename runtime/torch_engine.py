@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llava_rt.checkpoint import load_model
-from llava_rt.model import LlavaForConditionalGeneration, PagedKV
+from llava_rt.model import LlavaForConditionalGeneration, PagedKV, VisionFeatures
 
 from .engine import SequenceInput
 from .kv_cache import BlockAllocator, CacheFullError
@@ -32,6 +33,7 @@ class TorchEngine:
         block_size: int = 16,
         kv_cache_bytes: int = 1 << 30,
         max_num_seqs: int = 64,
+        use_kernels: bool | None = None,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -47,6 +49,16 @@ class TorchEngine:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
         self.blocks = BlockAllocator(num_blocks, block_size)
+        # The Triton kernels (llava_rt.kernels) run on CUDA where Triton is installed; None = that.
+        # True on the CPU works only under TRITON_INTERPRET=1 (tests).
+        if use_kernels is None:
+            use_kernels = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.use_kernels = use_kernels
+        self.rope_tables = None
+        if use_kernels:
+            from llava_rt.kernels.rope_kv import rope_tables
+
+            self.rope_tables = rope_tables(self.max_context, text.head_dim, text.rope_theta, self.device)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", **kwargs) -> "TorchEngine":
@@ -67,6 +79,8 @@ class TorchEngine:
     @torch.inference_mode()
     def encode_images(self, pixel_values: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        if self.use_kernels:  # projected later, straight into the prompt's image-token rows
+            return VisionFeatures(self.model.vision_features(pixels))
         return self.model.encode_images(pixels)
 
     def prefill(self, sequences: list[SequenceInput]) -> np.ndarray:
@@ -82,7 +96,10 @@ class TorchEngine:
                 )
             if n_images:
                 features.append(s.image_embeds)
-        image_features = torch.cat(features) if features else None
+        if features and isinstance(features[0], VisionFeatures):
+            image_features = VisionFeatures(torch.cat([f.features for f in features]))
+        else:
+            image_features = torch.cat(features) if features else None
         return self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
@@ -128,7 +145,8 @@ class TorchEngine:
         block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         lens = np.array([self.blocks.length(s) for s in seq_ids], dtype=np.int64)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens))
+        kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
+                     rope_tables=self.rope_tables)
         last = as_tensor(np.array([len(x) - 1 for x in token_lists], dtype=np.int64))
         logits = self.model(as_tensor(ids), positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
         return logits.float().cpu().numpy()
