@@ -34,6 +34,7 @@ class TorchEngine:
         kv_cache_bytes: int = 1 << 30,
         max_num_seqs: int = 64,
         use_kernels: bool | None = None,
+        static_decode: bool | None = None,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -59,6 +60,16 @@ class TorchEngine:
             from llava_rt.kernels.rope_kv import rope_tables
 
             self.rope_tables = rope_tables(self.max_context, text.head_dim, text.rope_theta, self.device)
+        # Decode through static buffers at batch-size buckets, replayed as CUDA graphs on CUDA
+        # (None = on CUDA with the kernels). True on the CPU runs the same buffers eagerly (tests).
+        self.max_num_seqs = max_num_seqs
+        if static_decode is None:
+            static_decode = use_kernels and self.device.type == "cuda"
+        self.graphs = None
+        if static_decode:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda")
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", **kwargs) -> "TorchEngine":
@@ -144,6 +155,8 @@ class TorchEngine:
         width = max(len(tb) for tb in tables)
         block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         lens = np.array([self.blocks.length(s) for s in seq_ids], dtype=np.int64)
+        if t == 1 and self.graphs is not None and self.graphs.bucket(b) is not None:
+            return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
                      rope_tables=self.rope_tables)

@@ -125,11 +125,18 @@ def tiny_model():
 
 def test_engine_kernel_path_matches_torch_path(tiny_model):
     """Greedy tokens and logits of the kernel path equal the torch path (fp32): images, text-only,
-    a batch of mixed lengths, chunked prefill, 8 decode steps."""
+    a batch of mixed lengths, chunked prefill, 8 decode steps; and again through the static decode
+    buffers (CUDA graphs on CUDA) with the batch of 3 padded to the bucket of 4."""
     cfg = tiny_model.config
     plain = TorchEngine(tiny_model, block_size=4, use_kernels=False, kv_cache_bytes=1 << 20)
     fast = TorchEngine(tiny_model, block_size=4, use_kernels=True, kv_cache_bytes=1 << 20)
     assert fast.rope_tables is not None
+    static = TorchEngine(tiny_model, block_size=4, use_kernels=True, static_decode=True, max_num_seqs=4,
+                         kv_cache_bytes=1 << 20)
+    assert static.graphs.buckets == [1, 2, 4]
+    replays = []
+    run = static.graphs.run
+    static.graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
     gen = torch.Generator().manual_seed(4)
     pixels = torch.randn(2, 3, 28, 28, generator=gen).numpy()
     reqs = []
@@ -138,13 +145,14 @@ def test_engine_kernel_path_matches_torch_path(tiny_model):
         ids = [1] + ([cfg.image_token_index] * cfg.image_seq_length if i != 1 else []) + text
         reqs.append((ids, None if i == 1 else i // 2))
     outs = []
-    for engine in (plain, fast):
+    for engine in (plain, fast, static):
         embeds = engine.encode_images(pixels)
         rs = [GenerationRequest(ids, None if img is None else embeds[img : img + 1], SamplingParams(max_new_tokens=8))
               for ids, img in reqs]
         outs.append([o.token_ids for o in generate(engine, rs, eos_token_ids=set())])
         assert engine.num_free_blocks == engine.blocks.num_blocks
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
+    assert replays and 3 in replays, "decode steps must go through the static buffers"
     # Chunked prefill through the kernels: the same last-token logits as the torch path in one go.
     ids = reqs[1][0]
     whole = plain.prefill([SequenceInput(0, ids)])
