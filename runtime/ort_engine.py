@@ -181,7 +181,10 @@ class OrtEngine:
             positions[row, : len(toks)] = np.arange(past, past + len(toks))
             mask[row, :past] = 1
             mask[row, p : p + len(toks)] = 1
-        is_image = ids == self.config.image_token_index
+        # Only rows given images have image slots: a decode step may sample the image token id, and
+        # then it is embedded as a plain token (as the torch model and transformers do).
+        has_images = np.array([im is not None and len(im) > 0 for im in images])[:, None]
+        is_image = (ids == self.config.image_token_index) & has_images
         # The image token id may lie outside the table; its rows are replaced below anyway.
         embeds = np.asarray(self.embed_tokens[np.where(is_image, 0, ids)], dtype=self.dtype)
         for row, image_embeds in enumerate(images):
