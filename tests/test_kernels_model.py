@@ -160,3 +160,21 @@ def test_engine_kernel_path_matches_torch_path(tiny_model):
     chunked = fast.prefill([SequenceInput(0, ids[7:])])
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
     plain.release(0), fast.release(0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
+def test_cuda_engine_matches_cpu_fp32(tiny_model):
+    """The engine on CUDA (kernels + CUDA graphs) gives the CPU fp32 torch path's greedy tokens."""
+    import copy
+
+    cuda = TorchEngine(tiny_model, block_size=16, kv_cache_bytes=1 << 22)
+    assert cuda.use_kernels and cuda.graphs is not None and cuda.graphs.capture
+    cpu = TorchEngine(copy.deepcopy(tiny_model).cpu(), block_size=16, kv_cache_bytes=1 << 22)
+    cfg = tiny_model.config
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
+    ids = [1, 5] + [cfg.image_token_index] * cfg.image_seq_length + list(range(10, 30))
+    outs = []
+    for engine in (cpu, cuda):
+        req = GenerationRequest(ids, engine.encode_images(pixels), SamplingParams(max_new_tokens=16))
+        outs.append(generate(engine, [req], eos_token_ids=set())[0].token_ids)
+    assert outs[0] == outs[1]
