@@ -3,6 +3,8 @@
 No torch import anywhere on this path (the fast cold start on a CPU). The decoder graph takes
 past keys/values and gives back only the new positions' (export/graphs.py); this engine keeps
 each sequence's keys/values in growable numpy buffers and assembles the padded batch each step.
+A lone sequence's buffers go to onnxruntime as they are, spare capacity masked out as padding,
+so batch-1 decode copies no KV in Python (that copy was a quarter of a `mid` fp32 step).
 KV memory is accounted in blocks with the same BlockAllocator as the torch engine, so admission
 control above the engine (num_free_blocks, CacheFullError) works the same on both backends.
 """
@@ -24,22 +26,37 @@ ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": 
 
 
 class _SeqCache:
-    """One sequence's keys and values: per layer [kv_heads, capacity, head_dim], doubled when full."""
+    """One sequence's keys and values: per layer [1, kv_heads, capacity, head_dim].
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: np.dtype, capacity: int = 64):
+    Capacity grows in CHUNK steps, not doubling: the spare capacity is attended over (masked)
+    at batch 1, so it is kept small; a regrow copy every CHUNK tokens is cheap.
+    """
+
+    CHUNK = 64
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: np.dtype):
         self.length = 0
-        self.k = [np.zeros((kv_heads, capacity, head_dim), dtype) for _ in range(layers)]
-        self.v = [np.zeros((kv_heads, capacity, head_dim), dtype) for _ in range(layers)]
+        self.k = [np.zeros((1, kv_heads, 0, head_dim), dtype) for _ in range(layers)]
+        self.v = [np.zeros((1, kv_heads, 0, head_dim), dtype) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
 
     def append(self, new_k: list[np.ndarray], new_v: list[np.ndarray], row: int, n: int) -> None:
         end = self.length + n
-        if end > self.k[0].shape[1]:
-            cap = max(end, 2 * self.k[0].shape[1])
-            grow = lambda a: np.concatenate([a, np.zeros((a.shape[0], cap - a.shape[1], a.shape[2]), a.dtype)], 1)  # noqa: E731
+        if end > self.capacity:
+            cap = -(-end // self.CHUNK) * self.CHUNK + self.CHUNK
+
+            def grow(a: np.ndarray) -> np.ndarray:
+                out = np.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype)
+                out[:, :, : self.length] = a[:, :, : self.length]
+                return out
+
             self.k, self.v = [grow(a) for a in self.k], [grow(a) for a in self.v]
         for layer in range(len(self.k)):
-            self.k[layer][:, self.length : end] = new_k[layer][row, :, :n]
-            self.v[layer][:, self.length : end] = new_v[layer][row, :, :n]
+            self.k[layer][0, :, self.length : end] = new_k[layer][row, :, :n]
+            self.v[layer][0, :, self.length : end] = new_v[layer][row, :, :n]
         self.length = end
 
 
@@ -172,7 +189,8 @@ class OrtEngine:
     def _inputs(self, seq_ids, token_lists, images) -> dict:
         b, t = len(seq_ids), max(map(len, token_lists))
         past_lens = [self.seq_len(s) for s in seq_ids]
-        p = max(past_lens)
+        alone = b == 1 and seq_ids[0] in self.caches
+        p = self.caches[seq_ids[0]].capacity if alone else max(past_lens)
         ids = np.zeros((b, t), np.int64)
         positions = np.zeros((b, t), np.int64)
         mask = np.zeros((b, p + t), np.int64)
@@ -198,15 +216,15 @@ class OrtEngine:
         }
         for layer in range(self.layers):
             for kind in ("key", "value"):
-                feed[f"past_{kind}.{layer}"] = self._past(seq_ids, past_lens, p, layer, kind)
+                if alone:  # the whole buffer, no copy; the mask hides the spare capacity
+                    feed[f"past_{kind}.{layer}"] = getattr(self.caches[seq_ids[0]], kind[0])[layer]
+                else:
+                    feed[f"past_{kind}.{layer}"] = self._gather_past(seq_ids, past_lens, p, layer, kind)
         return feed
 
-    def _past(self, seq_ids, past_lens, p: int, layer: int, kind: str) -> np.ndarray:
-        if len(seq_ids) == 1 and p > 0:  # the common decode case: one slice, no padding
-            buf = getattr(self.caches[seq_ids[0]], kind[0])[layer]
-            return np.ascontiguousarray(buf[None, :, :p])
+    def _gather_past(self, seq_ids, past_lens, p: int, layer: int, kind: str) -> np.ndarray:
         out = np.zeros((len(seq_ids), self.kv_heads, p, self.head_dim), self.dtype)
         for row, (s, n) in enumerate(zip(seq_ids, past_lens)):
             if n:
-                out[row, :, :n] = getattr(self.caches[s], kind[0])[layer][:, :n]
+                out[row, :, :n] = getattr(self.caches[s], kind[0])[layer][0, :, :n]
         return out
