@@ -150,7 +150,7 @@ def load_model(
     return model.to(dtype).eval()
 
 
-def _atomic_dir(out_dir: Path):
+def atomic_directory(out_dir: Path):
     """A temp directory beside out_dir; `commit` swaps it in so readers never see a half-written one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -179,7 +179,7 @@ def save_checkpoint(
     `copy_from`: a model directory whose tokenizer / template / preprocessor files come along.
     """
     out_dir = Path(out_dir)
-    tmp, commit = _atomic_dir(out_dir)
+    tmp, commit = atomic_directory(out_dir)
     try:
         config = model.config
         state = {}

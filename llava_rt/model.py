@@ -434,12 +434,15 @@ class LlavaForConditionalGeneration(nn.Module):
         kv: PagedKV | DenseKV | None = None,
         image_features: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab], or [B, vocab] at `logits_index` (one position per row).
 
         `positions` defaults to 0..T-1; with right padding and `attention_mask` that is what
         training wants. The engine passes positions and a PagedKV.
         """
+        if image_features is None and vision_features is not None:  # the trainer's cached frozen-tower output
+            image_features = self.multi_modal_projector(vision_features)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)

@@ -1,0 +1,1 @@
+"""llava-train: the synthetic world, base models, both LLaVA stages, evaluation."""

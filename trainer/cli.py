@@ -1,0 +1,154 @@
+"""llava-train: reproduce both LLaVA training stages.
+
+    llava-train recipe OUT [--preset default|smoke] [--ship models/llava-rt-default]
+    llava-train data OUT --train N --eval M
+    llava-train base DATA OUT [--preset default|smoke]
+    llava-train build --vision-tower DIR --llm DIR --tokenizer DIR --out DIR
+    llava-train stage1|stage2 --model DIR --data FILE.json --image-folder DIR --out DIR [hyper-parameters]
+    llava-train eval MODEL --data DIR
+    llava-train scienceqa MODEL --problems problems.json [--image-root DIR]
+
+Runs under torchrun for data parallelism (stage1/stage2): torchrun --nproc-per-node 2 -m llava_rt.trainer.cli stage2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PROG = "llava-train"
+
+
+def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
+    from .recipe import preset
+
+    d = getattr(preset("default"), f"stage{stage}")
+    p.add_argument("--model", type=Path, required=True, help="llava-hf checkpoint to start from")
+    p.add_argument("--data", type=Path, required=True, help="LLaVA JSON file")
+    p.add_argument("--image-folder", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog=PROG, description="Train LLaVA-style models: both stages of the paper.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recipe", help="the whole recipe: data, base models, stage 1, stage 2, eval")
+    r.add_argument("out", type=Path)
+    r.add_argument("--preset", default="default", choices=["default", "smoke"])
+    r.add_argument("--ship", type=Path, help="copy the final model here (e.g. models/llava-rt-default)")
+    r.add_argument("--feature-layer", type=int, default=None, help="ablation: vision feature layer (-1 or -2)")
+    r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
+    d = sub.add_parser("data", help="render the synthetic world and write LLaVA-format data")
+    d.add_argument("out", type=Path)
+    d.add_argument("--train", type=int, default=8000)
+    d.add_argument("--eval", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("base", help="train the tokenizer, a small CLIP and a small Llama on a data dir")
+    b.add_argument("data", type=Path)
+    b.add_argument("out", type=Path)
+    b.add_argument("--preset", default="default", choices=["default", "smoke"])
+    bl = sub.add_parser("build", help="assemble CLIP + LLM + a new projector into a LLaVA checkpoint")
+    bl.add_argument("--vision-tower", type=Path, required=True, help="CLIPVisionModel / CLIPModel directory")
+    bl.add_argument("--llm", type=Path, required=True, help="LlamaForCausalLM directory")
+    bl.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory with an <image> token")
+    bl.add_argument("--out", type=Path, required=True)
+    bl.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "linear"])
+    bl.add_argument("--feature-layer", type=int, default=-2)
+    bl.add_argument("--no-pad", action="store_true", help="center-crop instead of LLaVA-1.5's pad-to-square")
+    for stage in (1, 2):
+        _stage_args(sub.add_parser(f"stage{stage}", help=f"train stage {stage}"), stage)
+    e = sub.add_parser("eval", help="held-out accuracy per instruction type")
+    e.add_argument("model", type=Path)
+    e.add_argument("--data", type=Path, required=True, help="data dir with eval.json and images/")
+    e.add_argument("--limit", type=int, default=None)
+    s = sub.add_parser("scienceqa", help="multiple-choice accuracy on a ScienceQA problems.json")
+    s.add_argument("model", type=Path)
+    s.add_argument("--problems", type=Path, required=True)
+    s.add_argument("--image-root", type=Path, default=None, help="folder with <id>/<image> (default: beside problems)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--out", type=Path, default=None, help="write per-problem results here")
+    return p.parse_args(argv)
+
+
+def run(args) -> int:
+    from .loop import init_distributed
+
+    if args.cmd == "recipe":
+        from .recipe import preset, run_recipe
+
+        overrides = {}
+        if args.feature_layer is not None:
+            overrides["feature_layer"] = args.feature_layer
+        if args.skip_stage1:
+            s1 = preset(args.preset).stage1
+            s1.epochs = 0.0
+            overrides["stage1"] = s1
+        report = run_recipe(args.out, args.preset, args.ship, **overrides)
+        print(json.dumps({"eval": report["eval"], "timings": report["timings"]}, indent=2, default=str))
+    elif args.cmd == "data":
+        from .data import generate_dataset
+
+        print(f"wrote {generate_dataset(args.out, args.train, args.eval, args.seed)}")
+    elif args.cmd == "base":
+        from .recipe import make_base_models, preset
+
+        r = preset(args.preset)
+        print(json.dumps(make_base_models(args.data, args.out, r), indent=2))
+    elif args.cmd == "build":
+        from .stages import build_llava
+
+        path = build_llava(args.vision_tower, args.llm, args.tokenizer, args.out, args.projector, args.feature_layer,
+                           pad_to_square=not args.no_pad)
+        print(f"wrote {path}")
+    elif args.cmd in ("stage1", "stage2"):
+        from .stages import StageConfig, run_stage
+
+        sc = StageConfig(stage=int(args.cmd[-1]), lr=args.lr, batch_size=args.batch_size,
+                         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_len=args.max_len,
+                         warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
+                         gradient_checkpointing=args.gradient_checkpointing, limit=args.limit)
+        d = init_distributed()
+        summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
+        if d.main:
+            print(json.dumps(summary, indent=2))
+    elif args.cmd == "eval":
+        from .evaluate import evaluate
+
+        print(json.dumps(evaluate(args.model, args.data, args.data / "eval.json", args.limit), indent=2))
+    elif args.cmd == "scienceqa":
+        from .evaluate import evaluate_scienceqa
+
+        report = evaluate_scienceqa(args.model, args.problems, args.image_root, args.split, args.limit)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: report[k] for k in ("accuracy", "counts")}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The data pipeline: synthetic data in the LLaVA format, reading LLaVA files, tokenizing for a stage.
+
+Files follow the official repo: a JSON list of
+    {"id", "image": "relative/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                           {"from": "gpt", "value": "..."}, ...]}
+plus an image folder. `pretrain.json` is the stage-1 file (like LCS-558K / CC-595K), `instruct.json`
+the stage-2 mix (like llava_instruct_150k.json); ours add a "type" key (conversation, detail,
+reasoning) that real files lack and the reader ignores. Real LLaVA files are read the same way.
+
+Tokenizing (the repo's `preprocess_plain` and `preprocess_v1`):
+  plain (stage 1): <s><image>\\n{caption}</s>, loss on the caption and </s>;
+  v1    (stage 2): the chat template ("USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ..."), loss on the
+                   assistant's tokens only. The mask comes from character spans of the rendered
+                   template, so it cannot drift from the tokens; a check re-decodes the labelled tokens
+                   and fails loudly if they are not exactly the answers (the official repo's
+                   "tokenization mismatch").
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llava_rt.tokenizer import TextProcessor
+
+from .instructions import BRIEF_QUESTIONS, DETAIL_QUESTIONS, brief_caption, conversation, detailed_description, reasoning
+from .world import Scene, render, sample_scene
+
+IGNORE_INDEX = -100
+IMAGE_TAG = "<image>"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _sample(sid: str, image: str, qa: list[tuple[str, str]], kind: str, rng: random.Random) -> dict:
+    turns = []
+    for i, (q, a) in enumerate(qa):
+        if i == 0:  # the repo's data puts <image> first or last in the first question
+            q = f"{IMAGE_TAG}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE_TAG}"
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": sid, "image": image, "type": kind, "conversations": turns}
+
+
+def generate_dataset(out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0) -> Path:
+    """Render scenes and write pretrain.json, instruct.json, eval.json, scenes.jsonl and images/."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pretrain, instruct, evaluation = [], [], []
+    with open(out / "scenes.jsonl", "w") as scenes_file:
+        for i in tqdm(range(n_train + n_eval), desc="rendering scenes", unit="img", leave=False):
+            split = "train" if i < n_train else "eval"
+            scene = sample_scene(rng)
+            image = f"images/{i:06d}.png"
+            render(scene).save(out / image)
+            scenes_file.write(json.dumps({"id": f"{i:06d}", "split": split, "scene": scene.to_dict()}) + "\n")
+            brief = [(rng.choice(BRIEF_QUESTIONS), brief_caption(scene))]
+            conv = conversation(scene, rng, turns=rng.randint(3, 5))
+            detail = [(rng.choice(DETAIL_QUESTIONS), detailed_description(scene))]
+            reason = reasoning(scene, rng, turns=rng.randint(1, 2))
+            samples = [_sample(f"{i:06d}-conversation", image, conv, "conversation", rng),
+                       _sample(f"{i:06d}-detail", image, detail, "detail", rng)]
+            if reason:
+                samples.append(_sample(f"{i:06d}-reasoning", image, reason, "reasoning", rng))
+            if split == "train":
+                pretrain.append(_sample(f"{i:06d}", image, brief, "brief", rng))
+                instruct.extend(samples)
+            else:
+                evaluation.extend(samples)
+    for name, data in (("pretrain.json", pretrain), ("instruct.json", instruct), ("eval.json", evaluation)):
+        (out / name).write_text(json.dumps(data, indent=0))
+    return out
+
+
+def load_scenes(data_dir: str | Path) -> dict[str, Scene]:
+    scenes = {}
+    with open(Path(data_dir) / "scenes.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            scenes[row["id"]] = Scene.from_dict(row["scene"])
+    return scenes
+
+
+def corpus_text(data_dir: str | Path) -> list[str]:
+    """Every caption, question and answer: what the tokenizer and the base LM learn from."""
+    texts = []
+    for name in ("pretrain.json", "instruct.json"):
+        for sample in json.loads((Path(data_dir) / name).read_text()):
+            texts.extend(t["value"].replace(IMAGE_TAG, "").strip() for t in sample["conversations"])
+    return texts
+
+
+# ----------------------------------------------------------------------------- reading + tokenizing
+
+
+@dataclass
+class Example:
+    id: str
+    image: str | None  # path relative to the image folder
+    input_ids: list[int]
+    labels: list[int]
+    kind: str = ""
+
+
+@dataclass
+class Rejected:
+    id: str
+    reason: str
+
+
+def check_sample(sample: dict, image_folder: Path | None) -> str | None:
+    """Why a LLaVA sample cannot be trained on, or None. The rules:
+    turns alternate human/gpt starting with human and none is empty; a sample with an image has
+    exactly one <image>, in its first human turn; one without has none; the image file exists."""
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2:
+        return "needs a 'conversations' list with at least one human and one gpt turn"
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") != ("human" if i % 2 == 0 else "gpt"):
+            return f"turn {i} should come from {'human' if i % 2 == 0 else 'gpt'}"
+        if not isinstance(t.get("value"), str) or not t["value"].replace(IMAGE_TAG, "").strip():
+            return f"turn {i} is empty"
+    if len(turns) % 2:
+        return "the last turn is a question without an answer"
+    n_tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
+    if sample.get("image"):
+        if n_tags != 1 or IMAGE_TAG not in turns[0]["value"]:
+            return f"has an image but {n_tags} {IMAGE_TAG} tags (needs exactly one, in the first question)"
+        if image_folder is not None and not (image_folder / sample["image"]).is_file():
+            return f"image file {sample['image']} is missing"
+    elif n_tags:
+        return f"has {IMAGE_TAG} in its text but no image"
+    return None
+
+
+def tokenize_plain(text: TextProcessor, caption: str) -> tuple[list[int], list[int]]:
+    prefix = text.encode_prompt(f"{text.image_token}\n", num_images=1)
+    full = text.encode_prompt(f"{text.image_token}\n{caption}{text.eos_token}", num_images=1)
+    if full[: len(prefix)] != prefix:
+        raise ValueError(f"tokenization mismatch: the caption {caption!r} merged into the image prefix")
+    return full, [IGNORE_INDEX] * len(prefix) + full[len(prefix) :]
+
+
+def to_messages(turns: list[dict]) -> list[dict]:
+    messages = []
+    for i, t in enumerate(turns):
+        value = t["value"]
+        if i % 2 == 0:
+            content = [{"type": "image"}] if IMAGE_TAG in value else []
+            content.append({"type": "text", "text": value.replace(IMAGE_TAG, "").strip()})
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": value.strip()}]})
+    return messages
+
+
+def tokenize_v1(text: TextProcessor, turns: list[dict], sample_id: str) -> tuple[list[int], list[int]]:
+    has_image = any(IMAGE_TAG in t["value"] for t in turns)
+    ids, mask = text.encode_chat(to_messages(turns), add_generation_prompt=False, num_images=int(has_image),
+                                 return_assistant_mask=True)
+    labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+    # The loud check: the labelled tokens must spell exactly the answers, each closed by </s>.
+    got = text.decode([i for i in labels if i != IGNORE_INDEX], skip_special_tokens=False)
+    want = "".join(t["value"].strip() + (text.eos_token or "") for t in turns[1::2])
+    if got.replace(" ", "") != want.replace(" ", ""):
+        raise ValueError(f"tokenization mismatch in sample {sample_id}: labels spell {got!r}, answers are {want!r}")
+    return ids, labels
+
+
+def load_examples(
+    json_path: str | Path,
+    image_folder: str | Path | None,
+    text: TextProcessor,
+    template: str,
+    max_len: int,
+    limit: int | None = None,
+) -> tuple[list[Example], list[Rejected]]:
+    """Read a LLaVA JSON file and tokenize it for `template` ("plain" or "v1").
+
+    Bad samples never crash training mid-epoch: they are found here, before the first step,
+    and returned as Rejected(id, reason) for the caller to report.
+    """
+    path = Path(json_path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a LLaVA JSON list ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    folder = Path(image_folder) if image_folder is not None else None
+    examples, rejected = [], []
+    for sample in tqdm(data[:limit] if limit else data, desc=f"tokenizing {path.name}", leave=False):
+        sid = str(sample.get("id", "?")) if isinstance(sample, dict) else "?"
+        reason = check_sample(sample, folder) if isinstance(sample, dict) else "not a JSON object"
+        if reason is None:
+            turns = sample["conversations"]
+            if template == "plain":
+                ids, labels = tokenize_plain(text, turns[1]["value"].strip())
+            else:
+                ids, labels = tokenize_v1(text, turns, sid)
+            if len(ids) > max_len:
+                reason = f"is {len(ids)} tokens, longer than the context of {max_len}"
+        if reason is not None:
+            rejected.append(Rejected(sid, reason))
+            continue
+        examples.append(Example(sid, sample.get("image"), ids, labels, sample.get("type", "")))
+    return examples, rejected
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded arrays: input_ids, labels (-100 on padding), attention_mask."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    labels = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = e.input_ids, e.labels, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

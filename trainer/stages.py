@@ -1,0 +1,178 @@
+"""The paper's two stages on one LlavaForConditionalGeneration.
+
+Stage 1, feature alignment: vision tower and LLM frozen, the projector trained on the
+caption instructions (plain template). Stage 2, end-to-end: vision frozen, projector and LLM
+trained on the instruction data (v1 template), loss on the assistant's tokens only.
+
+The vision tower is frozen in both stages, so its output for each image is computed once and
+cached; the projector still runs in every step. This is the same computation as running the
+frozen tower per step, minus the repeated work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llava_rt.checkpoint import SIDE_FILES, load_model, save_checkpoint
+from llava_rt.config import LlavaConfig
+from llava_rt.image_processor import ImageProcessorConfig, load_image, preprocess
+from llava_rt.model import LlavaForConditionalGeneration, init_weights
+from llava_rt.tokenizer import TextProcessor
+
+from .base_models import load_llm, load_vision_tower
+from .data import IGNORE_INDEX, collate, load_examples
+from .loop import DistInfo, TrainConfig, train
+
+
+def build_llava(
+    vision_dir: Path,
+    llm_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    projector_type: str = "mlp2x_gelu",
+    feature_layer: int | list[int] = -2,
+    strategy: str = "default",
+    pad_to_square: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Assemble base CLIP + base LLM + a fresh projector into a llava-hf checkpoint directory.
+
+    The tokenizer files come from tokenizer_dir, the image settings from the CLIP directory's
+    preprocessor_config.json; pad_to_square is LLaVA-1.5's image_aspect_ratio="pad".
+    """
+    vcfg, vstate = load_vision_tower(vision_dir)
+    tcfg, tstate = load_llm(llm_dir)
+    tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    image_id = next((t["id"] for t in tok.get("added_tokens", []) if t["content"] == "<image>"), None)
+    if image_id is None:
+        raise ValueError(f"{tokenizer_dir}/tokenizer.json has no <image> added token; add one before training")
+    n_tokens = vcfg.num_patches + (1 if strategy == "full" else 0)
+    config = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id, image_seq_length=n_tokens,
+                         projector_type=projector_type, vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy=strategy, tie_word_embeddings=tcfg.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    init_weights(model, seed=seed)
+    result = model.load_state_dict({**{f"vision_tower.{k}": v for k, v in vstate.items()}, **tstate}, strict=False)
+    not_loaded = [k for k in result.missing_keys if not k.startswith("multi_modal_projector.")]
+    if result.unexpected_keys or not_loaded:
+        raise ValueError(
+            f"base weights do not fit the LLaVA model: missing {not_loaded[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    image_config = ImageProcessorConfig.load(vision_dir)
+    image_config.do_pad = pad_to_square
+    with tempfile.TemporaryDirectory() as side:
+        for name in SIDE_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, Path(side) / name)
+        image_config.save(side)
+        return save_checkpoint(model, out_dir, copy_from=side)
+
+
+def image_features(model: LlavaForConditionalGeneration, folder: Path, paths: list[str], image_config,
+                   batch: int = 64) -> torch.Tensor:
+    """Frozen-tower features (the projector's input) for each image, computed once."""
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(paths), batch), desc="encoding images (frozen tower)", leave=False):
+            imgs = [load_image(folder / p) for p in paths[i : i + batch]]
+            out.append(model.vision_features(torch.from_numpy(preprocess(imgs, image_config))))
+    return torch.cat(out)
+
+
+@dataclass
+class StageConfig:
+    stage: int  # 1 or 2
+    lr: float
+    batch_size: int
+    micro_batch_size: int
+    epochs: float
+    max_len: int = 512
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    limit: int | None = None  # use only the first N samples (smoke runs)
+    stop_after: int = 0
+
+
+def run_stage(
+    model_dir: Path,
+    data_json: Path,
+    image_folder: Path,
+    out_dir: Path,
+    sc: StageConfig,
+    dist_info: DistInfo | None = None,
+    resume: bool = False,
+    log=print,
+) -> dict:
+    """Train one stage from model_dir; the result goes to out_dir/final (llava-hf layout)."""
+    d = dist_info or DistInfo()
+    out_dir = Path(out_dir)
+    last = out_dir / "checkpoint-last"
+    resume_from = last if resume and (last / "trainer_state.json").is_file() else None
+    source = resume_from / "model" if resume_from else Path(model_dir)
+    model = load_model(source).to(d.device).train()
+    config = model.config
+    text = TextProcessor.load(model_dir, config.image_token_index, config.image_seq_length)
+    image_config = ImageProcessorConfig.load(model_dir)
+    template = "plain" if sc.stage == 1 else "v1"
+    examples, rejected = load_examples(data_json, image_folder, text, template, sc.max_len, sc.limit)
+    if d.main:
+        for r in rejected[:20]:
+            log(f"skipping sample {r.id}: {r.reason}")
+        if len(rejected) > 20:
+            log(f"... and {len(rejected) - 20} more rejected samples")
+        log(f"stage {sc.stage}: {len(examples)} samples ({len(rejected)} rejected) from {data_json}")
+    if not examples:
+        raise ValueError(f"{data_json}: no usable samples")
+    paths = sorted({e.image for e in examples if e.image})
+    slot = {p: i for i, p in enumerate(paths)}
+    feats = image_features(model, Path(image_folder), paths, image_config).to(d.device)
+    pad = text.pad_token_id if text.pad_token_id is not None else 0
+    n_labels = np.array([sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples])
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(model.multi_modal_projector.parameters())
+    if sc.stage == 2:
+        trainable += list(model.language_model.parameters()) + list(model.lm_head.parameters())
+    trainable = list({id(p): p for p in trainable}.values())  # a tied head appears twice
+    for p in trainable:
+        p.requires_grad_(True)
+    model.language_model.gradient_checkpointing = sc.gradient_checkpointing
+
+    def loss_fn(m, idx):
+        batch = [examples[i] for i in idx]
+        arrays = {k: torch.from_numpy(v).to(d.device) for k, v in collate(batch, pad).items()}
+        with_image = [slot[e.image] for e in batch if e.image]
+        vf = feats[with_image] if with_image else None
+        logits = m(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=vf)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, 0
+
+    def save(m, path):
+        save_checkpoint(m, path, copy_from=model_dir)
+
+    cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
+                      epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
+                      gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
+                      desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'})")
+    lengths = np.array([len(e.input_ids) for e in examples])
+    summary = train(model, trainable, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
+                    resume_from, lengths=lengths)
+    if d.main and summary["finished"]:
+        save_checkpoint(model, out_dir / "final", copy_from=model_dir)
+    summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable))
+    return summary
