@@ -57,10 +57,15 @@ class Pipeline:
         image_config = ImageProcessorConfig.load(model_dir)
         return cls(load_engine(model_dir, backend=backend, device=device, dtype=dtype, **kw), text, image_config)
 
-    def prepare(self, messages: list[dict], images: list[Image.Image], params: SamplingParams) -> GenerationRequest:
+    def prompt_ids(self, messages: list[dict], num_images: int) -> list[int]:
+        """The chat template applied and tokenized, each image expanded to its slots."""
         prompt = self.text.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.text.encode_prompt(prompt, num_images=len(images))
+        ids = self.text.encode_prompt(prompt, num_images=num_images)
         check_prompt_fits(len(ids), self.engine.max_context)
+        return ids
+
+    def prepare(self, messages: list[dict], images: list[Image.Image], params: SamplingParams) -> GenerationRequest:
+        ids = self.prompt_ids(messages, len(images))
         embeds = self.engine.encode_images(preprocess(images, self.image_config)) if images else None
         return GenerationRequest(ids, embeds, params)
 

@@ -1,0 +1,146 @@
+"""The continuous-batching scheduler: answers must not depend on batching, chunking or preemption,
+and every KV block must come back."""
+
+import os
+
+import pytest
+from PIL import Image
+
+from llava_rt import LLM
+from llava_rt.random_checkpoint import make_random_checkpoint
+from llava_rt.runtime.llm import prompt_messages
+from llava_rt.runtime.pipeline import Pipeline
+from llava_rt.runtime.sampling import SamplingParams
+from llava_rt.runtime.scheduler import SchedulerConfig, chunk_end
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("sched") / "tiny", "tiny", std=0.2)
+
+
+def mixed_prompts(n=10):
+    images = [os.path.join(EXAMPLES, "shapes.png"), os.path.join(EXAMPLES, "gradient.jpg"),
+              Image.new("RGB", (40, 70), (200, 30, 30))]
+    questions = ["What is in the image?", "Describe the colors.", "How many shapes are there on the left side?",
+                 "Hi", "Tell me a long story about a square and a circle who became friends."]
+    prompts = []
+    for i in range(n):
+        q = questions[i % len(questions)]
+        if i % 3 == 2:
+            prompts.append(q)  # text-only
+        elif i % 7 == 6:
+            prompts.append({"prompt": q, "images": [images[0], images[1]]})  # two images
+        else:
+            prompts.append({"prompt": q, "image": images[(i // 2) % len(images)]})
+    return prompts
+
+
+def params_for(n):
+    return [SamplingParams(max_new_tokens=4 + 3 * (i % 5), ignore_eos=i % 2 == 0) for i in range(n)]
+
+
+def assert_all_blocks_free(llm):
+    engine = llm.pipeline.engine
+    assert engine.num_free_blocks == engine.blocks.num_blocks
+    assert not llm.scheduler.running and not llm.scheduler.waiting
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Each prompt answered alone by the plain generate() path (no scheduler)."""
+    pipe = Pipeline.load(model_dir)
+    out = []
+    for prompt, p in zip(mixed_prompts(), params_for(10)):
+        messages, images = prompt_messages(prompt)
+        out.append(pipe.chat(messages, images, p).token_ids)
+    return out
+
+
+def test_batched_equals_alone_and_reference(model_dir, reference):
+    llm = LLM(model_dir)
+    prompts, params = mixed_prompts(), params_for(10)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in together] == reference
+    assert all(o.finished and o.finish_reason in ("stop", "length") for o in together)
+    for i in (0, 2, 6):  # a few alone through the scheduler too
+        assert llm.generate([prompts[i]], [params[i]], use_tqdm=False)[0].token_ids == reference[i]
+    assert [o.text for o in together] == [llm.pipeline.text.decode(t) for t in reference]
+    assert_all_blocks_free(llm)
+    # 3 distinct images, each encoded once however often it appears
+    assert llm.scheduler.stats["images_encoded"] == 3
+
+
+def test_chunked_prefill_same_answers(model_dir, reference):
+    llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=7))
+    out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+    assert [o.token_ids for o in out] == reference
+    assert_all_blocks_free(llm)
+
+
+def test_preemption_same_answers(model_dir, reference):
+    # 24 blocks of 4 tokens: each prompt fits alone (<= ~60 tokens) but far from all of them at once.
+    block_bytes = 2 * 2 * 4 * 2 * 32 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head dim 32, fp32
+    llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=16), block_size=4, kv_cache_bytes=24 * block_bytes)
+    assert llm.pipeline.engine.blocks.num_blocks == 24
+    out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+    assert llm.scheduler.stats["preemptions"] > 0
+    assert [o.token_ids for o in out] == reference
+    assert_all_blocks_free(llm)
+
+
+def test_cancellation_frees_blocks_at_once(model_dir):
+    llm = LLM(model_dir)
+    s = llm.scheduler
+    reqs = [llm.request(p, SamplingParams(max_new_tokens=50, ignore_eos=True)) for p in mixed_prompts(4)]
+    seen = []
+    for r in reqs:
+        r.on_output = seen.append
+        s.add(r)
+    for _ in range(3):
+        s.step()
+    engine = llm.pipeline.engine
+    assert engine.num_free_blocks < engine.blocks.num_blocks
+    for r in reqs:
+        assert s.abort(r.request_id)
+    assert_all_blocks_free(llm)
+    assert sum(1 for o in seen if o.finished and o.finish_reason == "abort") == 4
+    assert not s.abort(reqs[0].request_id)  # gone already
+
+
+def test_stop_strings_and_streaming(model_dir):
+    llm = LLM(model_dir)
+    prompt = {"prompt": "Describe the colors.", "image": os.path.join(EXAMPLES, "shapes.png")}
+    full = llm.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+    assert len(full.text) > 12, full.text
+    stop = full.text[8:11]
+    cut = full.text[: full.text.find(stop)]
+    r = llm.request(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True), stop=[stop])
+    pieces = []
+    r.on_output = lambda o: pieces.append(o)
+    llm.scheduler.add(r)
+    while llm.scheduler.has_work():
+        llm.scheduler.step()
+    assert pieces[-1].finish_reason == "stop" and pieces[-1].text == cut
+    assert "".join(o.delta for o in pieces) == cut  # streamed deltas add up, the stop string never streamed
+    assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_independent_of_batch(model_dir):
+    llm = LLM(model_dir)
+    prompts = mixed_prompts(4)
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=i) for i in range(4)]
+    together = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [llm.generate([p], [sp], use_tqdm=False)[0].token_ids for p, sp in zip(prompts, params)]
+    assert together == alone
+
+
+def test_chunk_end_never_splits_an_image():
+    img = 9
+    ids = [1, 2] + [img] * 4 + [3, 4, 5] + [img] * 4 + [6]
+    assert chunk_end(ids, 0, 4, img, 4) == 2  # would split the first image: cut before it
+    assert chunk_end(ids, 2, 2, img, 4) == 6  # the image alone is over budget: it goes whole
+    assert chunk_end(ids, 0, 100, img, 4) == len(ids)
+    assert chunk_end(ids, 6, 3, img, 4) == 9
