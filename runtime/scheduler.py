@@ -41,7 +41,7 @@ class SchedulerConfig:
     image_cache_size: int = 128  # image embeddings kept by content hash
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageInput:
     pixels: np.ndarray  # [3, H, W] float32, preprocessed
     key: str  # content hash of the pixels
@@ -65,7 +65,7 @@ class RequestOutput:
     latency_s: float | None = None  # arrival to finish
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in the running list by who they are
 class Request:
     prompt_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
@@ -127,7 +127,7 @@ class Scheduler:
         self.image_cache: OrderedDict[str, Any] = OrderedDict()
         self.block_size = engine.blocks.block_size
         self.num_blocks = engine.blocks.num_blocks
-        self.stats = {"steps": 0, "preemptions": 0, "images_encoded": 0, "image_cache_hits": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "aborted": 0, "images_encoded": 0, "image_cache_hits": 0}
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -153,6 +153,7 @@ class Scheduler:
         r = self.requests.get(request_id)
         if r is None:
             return False
+        self.stats["aborted"] += 1
         self._finish(r, "abort")
         return True
 
