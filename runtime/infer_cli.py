@@ -3,6 +3,11 @@
     llava-infer IMAGE "QUESTION"        stream one answer
     llava-infer IMAGE                   chat about the image, turn after turn (empty line or Ctrl-D ends)
     llava-infer --no-image "QUESTION"   a text-only question
+    llava-infer --batch requests.jsonl  answer a file of requests through the batching engine
+
+A --batch line is a JSON object: {"question": "...", "image": "photo.jpg"} (or "images": [...],
+no image for text-only), optionally "id", "max_tokens", "temperature", "top_p", "top_k", "seed",
+"stop". Results go to stdout as JSONL in input order; a bad line is reported on stderr and skipped.
 """
 
 from __future__ import annotations
@@ -44,7 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="refuse larger images")
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, token counts and timings")
+    p.add_argument("--batch", type=Path, metavar="FILE.jsonl", help="answer every request in a JSONL file, batched")
     args = p.parse_args(argv)
+    if args.batch is not None:
+        if args.image is not None or args.no_image:
+            p.error("--batch takes the questions from its file; give no image or question")
+        return args
     if args.no_image:
         if args.question is not None:
             p.error("with --no-image give only the question")
@@ -103,16 +113,56 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed,
         )
-        images = [] if args.image is None else [load_image(args.image, max_pixels=args.max_image_pixels)]
+        images = [] if args.image is None or args.batch else [load_image(args.image, max_pixels=args.max_image_pixels)]
         backend = args.backend
         if backend == "auto":
             backend = choose_backend(Path(model_dir), args.device, args.dtype)
+        if args.batch is not None:
+            return run_batch(args, model_dir, backend, params)
         pipe = Pipeline.load(model_dir, backend=backend, device=args.device, dtype=args.dtype)
         if args.question is not None:
             return answer_once(pipe, images, args.question, params, args.json)
         return interactive(pipe, images, params, user_message)
     except (ValueError, OSError, CacheFullError) as e:  # our errors name the cause and the fix
         return fail(str(e))
+
+
+def run_batch(args: argparse.Namespace, model_dir: Path, backend: str, defaults) -> int:
+    import dataclasses
+
+    from .llm import LLM
+
+    lines = args.batch.read_text().splitlines()  # OSError: reported by run()
+    llm = LLM(model_dir, backend=backend, device=args.device, dtype=args.dtype)
+    base = args.batch.resolve().parent
+    keys = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
+    accepted, bad = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("a line must be a JSON object")
+            for k in ("image", "images"):  # relative paths: from the working directory, else the file's
+                if k in item:
+                    paths = item[k] if k == "images" else [item[k]]
+                    if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+                        raise ValueError(f'"{k}" must be {"a list of paths" if k == "images" else "a path"}')
+                    found = [x if os.path.exists(x) else str(base / x) for x in paths]
+                    item[k] = found if k == "images" else found[0]
+            params = dataclasses.replace(defaults, **{keys[k]: v for k, v in item.items() if k in keys})
+            stop = item.get("stop") or ()
+            accepted.append((n, item.get("id"), llm.request(item, params, [stop] if isinstance(stop, str) else stop)))
+        except (ValueError, TypeError, OSError) as e:  # json errors are ValueErrors too
+            print(f"{PROG}: error: {args.batch} line {n}: {e}; skipped", file=sys.stderr)
+            bad += 1
+    outs = llm.run([r for _, _, r in accepted], use_tqdm=sys.stderr.isatty())
+    for (n, rid, _), out in zip(accepted, outs):
+        print(json.dumps({"line": n, "id": rid, "answer": out.text, "finish_reason": out.finish_reason,
+                          "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids)},
+                         ensure_ascii=False))
+    return 1 if bad else 0
 
 
 def answer_once(pipe, images, question: str, params, as_json: bool) -> int:

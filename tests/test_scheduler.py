@@ -144,3 +144,57 @@ def test_chunk_end_never_splits_an_image():
     assert chunk_end(ids, 2, 2, img, 4) == 6  # the image alone is over budget: it goes whole
     assert chunk_end(ids, 0, 100, img, 4) == len(ids)
     assert chunk_end(ids, 6, 3, img, 4) == 9
+
+
+def test_infer_batch_jsonl(model_dir, tmp_path, capsys):
+    import json
+
+    from llava_rt.runtime.infer_cli import main
+
+    shapes = os.path.join(EXAMPLES, "shapes.png")
+    lines = [
+        json.dumps({"id": "a", "question": "What is in the image?", "image": shapes, "max_tokens": 6}),
+        "{not json",
+        json.dumps({"id": "b", "question": "Hello", "max_tokens": 5}),
+        json.dumps({"id": "c", "question": "What?", "image": "missing.png"}),
+        "",
+        json.dumps({"id": "d", "question": "Describe the colors.", "images": [shapes, "../examples/gradient.jpg"],
+                    "max_tokens": 7}),
+        json.dumps({"id": "e", "image": shapes}),
+    ]
+    (tmp_path / "sub").mkdir()
+    src = os.path.join(EXAMPLES, "gradient.jpg")
+    os.makedirs(tmp_path / "examples", exist_ok=True)
+    with open(src, "rb") as f, open(tmp_path / "examples" / "gradient.jpg", "wb") as g:
+        g.write(f.read())
+    path = tmp_path / "sub" / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code = main(["--model", str(model_dir), "--batch", str(path)])
+    out, err = capsys.readouterr()
+    results = [json.loads(x) for x in out.splitlines()]
+    assert code == 1  # some lines were bad
+    assert [(r["line"], r["id"]) for r in results] == [(1, "a"), (3, "b"), (6, "d")]
+    assert [e.split(":")[2].strip() for e in err.strip().splitlines()] == [f"{path} line {n}" for n in (2, 4, 7)]
+    assert "missing.png" in err
+    main(["--model", str(model_dir), shapes, "What is in the image?", "--max-new-tokens", "6", "--json"])
+    alone = json.loads(capsys.readouterr().out)
+    assert results[0]["answer"] == alone["answer"] and results[0]["completion_tokens"] == alone["completion_tokens"]
+    assert results[1]["completion_tokens"] <= 5 and results[2]["prompt_tokens"] > 32  # two images
+
+
+def test_onnxruntime_engine_under_the_scheduler(model_dir, reference, tmp_path):
+    """Backend-neutral: the same batched, chunked, preempting schedule on the onnxruntime engine."""
+    import shutil
+
+    from llava_rt.export.onnx_export import export_onnx
+
+    model_dir = shutil.copytree(model_dir, tmp_path / "m")  # the export must not change other tests' backend
+    export_onnx(model_dir, model_dir / "onnx", progress=False)
+    block_bytes = 2 * 2 * 4 * 2 * 32 * 4
+    llm = LLM(model_dir, backend="onnxruntime", scheduler=SchedulerConfig(max_prefill_tokens=16), block_size=4,
+              kv_cache_bytes=24 * block_bytes)
+    out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+    assert llm.scheduler.stats["preemptions"] > 0
+    assert [o.token_ids for o in out] == reference
+    assert_all_blocks_free(llm)
+    assert not llm.pipeline.engine.caches  # the engine's own KV buffers are gone too
