@@ -162,8 +162,22 @@ def to_messages(turns: list[dict]) -> list[dict]:
 
 def tokenize_v1(text: TextProcessor, turns: list[dict], sample_id: str) -> tuple[list[int], list[int]]:
     has_image = any(IMAGE_TAG in t["value"] for t in turns)
-    ids, mask = text.encode_chat(to_messages(turns), add_generation_prompt=False, num_images=int(has_image),
+    messages = to_messages(turns)
+    ids, mask = text.encode_chat(messages, add_generation_prompt=False, num_images=int(has_image),
                                  return_assistant_mask=True)
+    # Label exactly what generation must produce: everything after each turn's generation prompt
+    # (LLaVA's preprocess_v1 labels all of it after "ASSISTANT:"). A separator the template puts
+    # before the answer (" " in "ASSISTANT: The") lies outside the {% generation %} span, yet where it
+    # is a token of its own the model has to emit it first, so it is labelled too.
+    for k in range(1, len(messages), 2):
+        prefix = text.encode_chat(messages[:k], add_generation_prompt=True, num_images=int(has_image))
+        if ids[: len(prefix)] != prefix:
+            raise ValueError(f"tokenization mismatch in sample {sample_id}: turn {k} does not start where the "
+                             "generation prompt ends (a token merges across the boundary)")
+        j = len(prefix)
+        while j < len(ids) and not mask[j]:
+            mask[j] = 1
+            j += 1
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
     # The loud check: the labelled tokens must spell exactly the answers, each closed by </s>.
     got = text.decode([i for i in labels if i != IGNORE_INDEX], skip_special_tokens=False)

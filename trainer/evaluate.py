@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llava_rt.image_processor import load_image, preprocess
-from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.image_processor import load_image
+from llava_rt.runtime.generate import generate
 from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 
@@ -45,13 +45,8 @@ def _answer_all(pipe: Pipeline, jobs: list[tuple[list[dict], str | None]], image
     params = SamplingParams(max_new_tokens=max_new_tokens)
     for i in tqdm(range(0, len(jobs), batch_size), desc="evaluating", leave=False):
         chunk = jobs[i : i + batch_size]
-        requests = []
-        for messages, image in chunk:
-            images = [load_image(image_folder / image)] if image else []
-            prompt = pipe.text.apply_chat_template(messages, add_generation_prompt=True)
-            ids = pipe.text.encode_prompt(prompt, num_images=len(images))
-            embeds = pipe.engine.encode_images(preprocess(images, pipe.image_config)) if images else None
-            requests.append(GenerationRequest(ids, embeds, params))
+        requests = [pipe.prepare(messages, [load_image(image_folder / image)] if image else [], params)
+                    for messages, image in chunk]
         for out in generate(pipe.engine, requests, pipe.text.eos_token_ids):
             answers.append(pipe.text.decode(out.token_ids).strip())
     return answers

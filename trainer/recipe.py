@@ -70,8 +70,8 @@ def preset(name: str) -> Recipe:
                                 image_size=32, patch_size=16, projection_dim=16),
             text=TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-            clip_epochs=2, clip_batch=32, lm_epochs=1,
-            stage1=StageConfig(stage=1, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=1),
+            clip_epochs=2, clip_batch=32, lm_epochs=4,
+            stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
             stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=2),
         )
     raise ValueError(f"unknown recipe {name!r}; choose default or smoke")

@@ -91,6 +91,55 @@ def image_features(model: LlavaForConditionalGeneration, folder: Path, paths: li
 
 
 @dataclass
+class StageData:
+    """A stage's tokenized samples and the cached frozen-tower features of their images."""
+
+    examples: list
+    rejected: list
+    features: torch.Tensor | None
+    slot: dict[str, int]
+    pad_id: int
+
+    @classmethod
+    def load(cls, model, model_dir: Path, data_json: Path, image_folder: Path, stage: int, max_len: int = 512,
+             limit: int | None = None, device=torch.device("cpu")) -> "StageData":
+        config = model.config
+        text = TextProcessor.load(model_dir, config.image_token_index, config.image_seq_length)
+        template = "plain" if stage == 1 else "v1"
+        examples, rejected = load_examples(data_json, image_folder, text, template, max_len, limit)
+        paths = sorted({e.image for e in examples if e.image})
+        feats = image_features(model, Path(image_folder), paths, ImageProcessorConfig.load(model_dir)).to(device) \
+            if paths else None
+        pad = text.pad_token_id if text.pad_token_id is not None else 0
+        return cls(examples, rejected, feats, {p: i for i, p in enumerate(paths)}, pad)
+
+    def loss(self, model, idx) -> torch.Tensor:
+        """Summed cross-entropy over the labelled tokens of examples idx."""
+        batch = [self.examples[i] for i in idx]
+        device = next(model.parameters()).device
+        arrays = {k: torch.from_numpy(v).to(device) for k, v in collate(batch, self.pad_id).items()}
+        with_image = [self.slot[e.image] for e in batch if e.image]
+        vf = self.features[with_image] if with_image else None
+        logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=vf)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def mean_loss(model_dir: Path, data_json: Path, image_folder: Path, stage: int, limit: int | None = None,
+              batch_size: int = 16) -> float:
+    """Per-token loss of a checkpoint on a LLaVA file, with the stage's template (ablations, tests)."""
+    model = load_model(model_dir).eval()
+    data = StageData.load(model, model_dir, data_json, image_folder, stage, limit=limit)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(data.examples), batch_size):
+            idx = list(range(i, min(i + batch_size, len(data.examples))))
+            total += data.loss(model, idx).item()
+            count += sum(1 for j in idx for t in data.examples[j].labels[1:] if t != IGNORE_INDEX)
+    return total / max(1, count)
+
+
+@dataclass
 class StageConfig:
     stage: int  # 1 or 2
     lr: float
@@ -123,11 +172,8 @@ def run_stage(
     resume_from = last if resume and (last / "trainer_state.json").is_file() else None
     source = resume_from / "model" if resume_from else Path(model_dir)
     model = load_model(source).to(d.device).train()
-    config = model.config
-    text = TextProcessor.load(model_dir, config.image_token_index, config.image_seq_length)
-    image_config = ImageProcessorConfig.load(model_dir)
-    template = "plain" if sc.stage == 1 else "v1"
-    examples, rejected = load_examples(data_json, image_folder, text, template, sc.max_len, sc.limit)
+    data = StageData.load(model, model_dir, data_json, image_folder, sc.stage, sc.max_len, sc.limit, d.device)
+    examples, rejected = data.examples, data.rejected
     if d.main:
         for r in rejected[:20]:
             log(f"skipping sample {r.id}: {r.reason}")
@@ -136,10 +182,6 @@ def run_stage(
         log(f"stage {sc.stage}: {len(examples)} samples ({len(rejected)} rejected) from {data_json}")
     if not examples:
         raise ValueError(f"{data_json}: no usable samples")
-    paths = sorted({e.image for e in examples if e.image})
-    slot = {p: i for i, p in enumerate(paths)}
-    feats = image_features(model, Path(image_folder), paths, image_config).to(d.device)
-    pad = text.pad_token_id if text.pad_token_id is not None else 0
     n_labels = np.array([sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples])
 
     for p in model.parameters():
@@ -153,14 +195,7 @@ def run_stage(
     model.language_model.gradient_checkpointing = sc.gradient_checkpointing
 
     def loss_fn(m, idx):
-        batch = [examples[i] for i in idx]
-        arrays = {k: torch.from_numpy(v).to(d.device) for k, v in collate(batch, pad).items()}
-        with_image = [slot[e.image] for e in batch if e.image]
-        vf = feats[with_image] if with_image else None
-        logits = m(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=vf)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, 0
+        return data.loss(m, idx), 0
 
     def save(m, path):
         save_checkpoint(m, path, copy_from=model_dir)
