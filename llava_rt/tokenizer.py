@@ -454,15 +454,24 @@ class StreamingDetokenizer:
 
     The prefix/read-offset method of TGI and vLLM: decode a short window of recent tokens and
     emit what it adds to the previous window, holding back while the text ends in U+FFFD (a
-    multi-byte character still split across tokens). The pieces concatenate to decode(all ids).
+    multi-byte character still split across tokens). The pieces concatenate to decode(all ids),
+    or to decode(all ids).lstrip() with `answer=True`: an answer's leading space is the separator
+    after "ASSISTANT:", which the LLaVA repo strips too.
     """
 
-    def __init__(self, processor: TextProcessor, skip_special_tokens: bool = True):
+    def __init__(self, processor: TextProcessor, skip_special_tokens: bool = True, answer: bool = False):
         self.processor = processor
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # tokens before this are already emitted
+        self.strip_leading = answer  # until the first non-space text is out
+
+    def _emit(self, piece: str) -> str:
+        if self.strip_leading:
+            piece = piece.lstrip()
+            self.strip_leading = not piece
+        return piece
 
     def _decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -476,7 +485,7 @@ class StreamingDetokenizer:
             piece = new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return piece
+            return self._emit(piece)
         return ""
 
     def flush(self) -> str:
@@ -485,7 +494,7 @@ class StreamingDetokenizer:
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :]
+        return self._emit(new_text[len(prefix_text) :])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...); with --no-image this is the question")
     p.add_argument("question", nargs="?", help="the question; leave out for an interactive chat")
     p.add_argument("--no-image", action="store_true", help="ask a text-only question")
-    p.add_argument("--model", type=Path, help="model directory in the llava-hf layout (default: $LLAVA_RT_MODEL)")
+    p.add_argument("--model", type=Path, help="model directory in the llava-hf layout (default: $LLAVA_RT_MODEL, else models/llava-rt-default)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
                    help="inference engine; auto: onnxruntime on the CPU when MODEL/onnx (or MODEL itself) is a "
                         "matching llava-export directory, else torch")

@@ -78,7 +78,7 @@ class Pipeline:
     ) -> Answer:
         start = time.perf_counter()
         request = self.prepare(messages, images, params)
-        detok = StreamingDetokenizer(self.text)
+        detok = StreamingDetokenizer(self.text, answer=True)
         first: list[float] = []
 
         def on_token(_: int, token: int) -> None:
@@ -94,7 +94,7 @@ class Pipeline:
             on_text(tail)
         total = time.perf_counter() - start
         return Answer(
-            text=self.text.decode(out.token_ids),
+            text=self.text.decode(out.token_ids).lstrip(),  # the separator after "ASSISTANT:"
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,

@@ -144,7 +144,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.sampler = Sampler(request.params)
-        request.detok = StreamingDetokenizer(self.text)
+        request.detok = StreamingDetokenizer(self.text, answer=True)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

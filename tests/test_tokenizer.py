@@ -236,6 +236,19 @@ def test_streaming_detokenizer_random_ids(tp):
         assert "".join(pieces) + tail == tp.decode(ids)
 
 
+def test_streaming_detokenizer_answer_drops_only_the_leading_space(tp):
+    from llava_rt.tokenizer import StreamingDetokenizer
+
+    rng = np.random.default_rng(1)
+    space = tp.tokenizer.encode(" ", add_special_tokens=False).ids
+    for text in ("  The circle is red.  ", " 🦙 ok", "no space"):
+        for ids in (space + tp.tokenizer.encode(text, add_special_tokens=False).ids, rng.integers(0, VOCAB, 30).tolist()):
+            det = StreamingDetokenizer(tp, answer=True)
+            pieces = [det.add(i) for i in ids] + [det.flush()]
+            assert "".join(pieces) == tp.decode(ids).lstrip()
+            assert "".join(pieces).endswith(tp.decode(ids).lstrip()[-3:])  # trailing spaces kept
+
+
 def test_chat_template_sources(tok_dir, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(tok_dir, d)

@@ -73,6 +73,24 @@ def test_smoke_recipe_loss_falls_and_checkpoint_loads(smoke):
     assert answer.prompt_tokens > pipe.text.image_seq_length and 1 <= len(answer.token_ids) <= 8
 
 
+def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp_path):
+    from llava_rt.trainer.recipe import _same_stage1, preset
+
+    out = tmp_path / "conversation-only"
+    report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["conversation"])
+    assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
+    assert not (out / "data").exists() and not (out / "base").exists()
+    kinds = [s["type"] for s in json.loads((smoke / "data" / "instruct.json").read_text())]
+    assert report["stage2"]["samples"] + report["stage2"]["rejected"] == kinds.count("conversation") < len(kinds)
+    assert (out / "stage2" / "final" / "model.safetensors").is_file()
+    r = preset("smoke")
+    assert _same_stage1(smoke, r)
+    r.feature_layer = -1  # other vision features need their own stage 1
+    assert not _same_stage1(smoke, r)
+    with pytest.raises(FileNotFoundError, match="--reuse"):
+        run_recipe(tmp_path / "x", "smoke", log=lambda *_: None, reuse=tmp_path / "nothing-here")
+
+
 def test_stage2_labels_are_exactly_the_answers(smoke):
     model = smoke / "stage2" / "final"
     cfg = json.loads((model / "config.json").read_text())
@@ -88,6 +106,27 @@ def test_stage2_labels_are_exactly_the_answers(smoke):
         assert ex.input_ids.count(cfg["image_token_index"]) == cfg["image_seq_length"]
         # every image token and every human token is masked
         assert all(lab == IGNORE_INDEX for tok, lab in zip(ex.input_ids, ex.labels) if tok == cfg["image_token_index"])
+
+
+def test_tune_vision_trains_the_tower_and_the_default_keeps_it_frozen(smoke, tmp_path):
+    from llava_rt.trainer.stages import StageConfig, StageData, run_stage
+
+    src, data = smoke / "stage1" / "final", smoke / "data"
+    model = load_model(src).eval()
+    idx = list(range(16))
+    cached = StageData.load(model, src, data / "instruct.json", data, 2, limit=16)
+    pixels = StageData.load(model, src, data / "instruct.json", data, 2, limit=16, tune_vision=True)
+    with torch.no_grad():  # cached tower output and the tower run on the (fp16-cached) pixels agree
+        torch.testing.assert_close(pixels.loss(model, idx), cached.loss(model, idx), rtol=5e-3, atol=0)
+    before = load_file(src / "model.safetensors")
+    for tune in (False, True):
+        sc = StageConfig(stage=2, lr=1e-3, batch_size=8, micro_batch_size=8, epochs=1, limit=16, tune_vision=tune)
+        run_stage(src, data / "instruct.json", data, tmp_path / str(tune), sc, log=lambda *_: None)
+        after = load_file(tmp_path / str(tune) / "final" / "model.safetensors")
+        vision = [k for k in before if "vision_tower" in k]
+        changed = [k for k in vision if not torch.equal(before[k], after[k])]
+        assert vision and bool(changed) == tune, (tune, changed)
+        assert tune == any("patch_embedding" in k for k in changed)  # gradients reach the first layer
 
 
 def _stage_cmd(smoke: Path, out: Path, *extra: str) -> list[str]:

@@ -38,6 +38,8 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--tune-vision", action="store_true",
+                   help="train the vision tower too (LLaVA-NeXT style; the paper keeps it frozen)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
 
@@ -51,6 +53,9 @@ def parse(argv):
     r.add_argument("--ship", type=Path, help="copy the final model here (e.g. models/llava-rt-default)")
     r.add_argument("--feature-layer", type=int, default=None, help="ablation: vision feature layer (-1 or -2)")
     r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
+    r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
+                   help="ablation: train stage 2 on these instruction types only")
+    r.add_argument("--reuse", type=Path, help="ablation: take data, base models (and a matching stage 1) from this run")
     d = sub.add_parser("data", help="render the synthetic world and write LLaVA-format data")
     d.add_argument("out", type=Path)
     d.add_argument("--train", type=int, default=8000)
@@ -97,8 +102,10 @@ def run(args) -> int:
             s1 = preset(args.preset).stage1
             s1.epochs = 0.0
             overrides["stage1"] = s1
-        report = run_recipe(args.out, args.preset, args.ship, **overrides)
-        print(json.dumps({"eval": report["eval"], "timings": report["timings"]}, indent=2, default=str))
+        report = run_recipe(args.out, args.preset, args.ship, reuse=args.reuse, stage2_types=args.stage2_types,
+                            **overrides)
+        scores = {k: v for k, v in report["eval"].items() if k != "misses"}  # the misses are in OUT/report.json
+        print(json.dumps({"eval": scores, "timings": {k: round(v, 1) for k, v in report["timings"].items()}}, indent=2))
     elif args.cmd == "data":
         from .data import generate_dataset
 
@@ -120,7 +127,8 @@ def run(args) -> int:
         sc = StageConfig(stage=int(args.cmd[-1]), lr=args.lr, batch_size=args.batch_size,
                          micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_len=args.max_len,
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
-                         gradient_checkpointing=args.gradient_checkpointing, limit=args.limit)
+                         gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
+                         tune_vision=args.tune_vision)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -119,7 +119,11 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     return {"timings": timings, "clip_final_loss": clip["final_loss"], "llm_final_loss": lm["final_loss"]}
 
 
-def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, log=print, **overrides) -> dict:
+def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, log=print, reuse: Path | None = None,
+               stage2_types: list[str] | None = None, **overrides) -> dict:
+    """Run the whole recipe into `out`. For ablations, `reuse` names a finished run whose data and base
+    models (and stage 1, when its settings match) are used instead of being made again, and
+    `stage2_types` keeps only those instruction types ("conversation", "detail", "reasoning")."""
     from .evaluate import evaluate
 
     r = preset(name)
@@ -128,30 +132,51 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     out = Path(out)
     report: dict = {"recipe": name, "config": asdict(r), "timings": {}}
     t0 = time.time()
-    data = out / "data"
-    if not (data / "eval.json").is_file():
-        generate_dataset(data, r.n_train, r.n_eval, seed=r.seed)
-    report["timings"]["data_s"] = time.time() - t0
-    base = make_base_models(data, out / "base", r, log)
-    report["base"] = base
-    report["timings"].update(base["timings"])
+    if reuse is not None:
+        reuse = Path(reuse)
+        data, base_dir = reuse / "data", reuse / "base"
+        for need in (data / "eval.json", base_dir / "clip", base_dir / "llm", base_dir / "tokenizer"):
+            if not need.exists():
+                raise FileNotFoundError(f"--reuse {reuse}: {need} is missing; point it at a finished recipe run")
+        report["reused"] = str(reuse)
+        log(f"reusing data and base models from {reuse}")
+    else:
+        data, base_dir = out / "data", out / "base"
+        if not (data / "eval.json").is_file():
+            generate_dataset(data, r.n_train, r.n_eval, seed=r.seed)
+        report["timings"]["data_s"] = time.time() - t0
+        base = make_base_models(data, base_dir, r, log)
+        report["base"] = base
+        report["timings"].update(base["timings"])
     t = time.time()
-    build_llava(out / "base" / "clip", out / "base" / "llm", out / "base" / "tokenizer", out / "stage0",
+    build_llava(base_dir / "clip", base_dir / "llm", base_dir / "tokenizer", out / "stage0",
                 projector_type=r.projector_type, feature_layer=r.feature_layer, seed=r.seed)
-    if r.stage1.epochs > 0:
+    if r.stage1.epochs <= 0:  # ablation: straight to stage 2 with an untrained projector
+        s1, stage2_from = {"skipped": True}, out / "stage0"
+    elif reuse is not None and _same_stage1(reuse, r):
+        s1, stage2_from = {"reused": str(reuse / "stage1" / "final")}, reuse / "stage1" / "final"
+        log(f"reusing stage 1 from {stage2_from} (same vision features, projector and stage-1 settings)")
+    else:
         s1 = run_stage(out / "stage0", data / "pretrain.json", data, out / "stage1", r.stage1, log=log)
         stage2_from = out / "stage1" / "final"
-    else:  # ablation: straight to stage 2 with an untrained projector
-        s1, stage2_from = {"skipped": True}, out / "stage0"
     report["timings"]["stage1_s"] = time.time() - t
     t = time.time()
-    s2 = run_stage(stage2_from, data / "instruct.json", data, out / "stage2", r.stage2, log=log)
+    instruct = data / "instruct.json"
+    if stage2_types:
+        samples = [s for s in json.loads(instruct.read_text()) if s.get("type") in stage2_types]
+        if not samples:
+            raise ValueError(f"{instruct}: no samples of type {stage2_types}; types are conversation, detail, reasoning")
+        instruct = out / f"instruct-{'-'.join(stage2_types)}.json"
+        instruct.write_text(json.dumps(samples))
+        log(f"stage 2 on {len(samples)} samples of type {', '.join(stage2_types)}")
+    s2 = run_stage(stage2_from, instruct, data, out / "stage2", r.stage2, log=log)
     report["timings"]["stage2_s"] = time.time() - t
     report["stage1"], report["stage2"] = s1, s2
     t = time.time()
     report["eval"] = evaluate(out / "stage2" / "final", data, data / "eval.json")
     report["timings"]["eval_s"] = time.time() - t
     report["timings"]["total_s"] = time.time() - t0
+    report["stage2_types"] = stage2_types or "all"
     final = out / "stage2" / "final"
     if ship_to is not None:
         if ship_to.exists():
@@ -160,3 +185,14 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         (ship_to / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _same_stage1(run: Path, r: Recipe) -> bool:
+    """Whether `run` trained its stage 1 with the settings `r` would use, so it can be reused."""
+    report = run / "report.json"
+    if not (run / "stage1" / "final" / "config.json").is_file() or not report.is_file():
+        return False
+    cfg = json.loads(report.read_text())["config"]
+    return (cfg.get("feature_layer") == r.feature_layer and cfg.get("projector_type") == r.projector_type
+            and cfg.get("seed") == r.seed
+            and cfg.get("stage1") == json.loads(json.dumps(asdict(r.stage1), default=str)))

@@ -6,7 +6,9 @@ trained on the instruction data (v1 template), loss on the assistant's tokens on
 
 The vision tower is frozen in both stages, so its output for each image is computed once and
 cached; the projector still runs in every step. This is the same computation as running the
-frozen tower per step, minus the repeated work.
+frozen tower per step, minus the repeated work. `tune_vision` departs from the paper (as
+LLaVA-NeXT and later recipes do) and trains the tower in stage 2 too; then the preprocessed
+pixels are cached instead and the tower runs, with gradients, in every step.
 """
 
 from __future__ import annotations
@@ -90,28 +92,41 @@ def image_features(model: LlavaForConditionalGeneration, folder: Path, paths: li
     return torch.cat(out)
 
 
+def image_pixels(folder: Path, paths: list[str], image_config, batch: int = 256) -> torch.Tensor:
+    """Preprocessed pixels of each image (fp16 to halve the cache), for a tower that is trained."""
+    out = []
+    for i in tqdm(range(0, len(paths), batch), desc="preprocessing images", leave=False):
+        out.append(torch.from_numpy(preprocess([load_image(folder / p) for p in paths[i : i + batch]], image_config)))
+    return torch.cat(out).half()
+
+
 @dataclass
 class StageData:
-    """A stage's tokenized samples and the cached frozen-tower features of their images."""
+    """A stage's tokenized samples and, per image, the cached frozen-tower features (or, when the
+    tower is trained, the preprocessed pixels)."""
 
     examples: list
     rejected: list
-    features: torch.Tensor | None
+    images: torch.Tensor | None
     slot: dict[str, int]
     pad_id: int
+    pixels: bool = False
 
     @classmethod
     def load(cls, model, model_dir: Path, data_json: Path, image_folder: Path, stage: int, max_len: int = 512,
-             limit: int | None = None, device=torch.device("cpu")) -> "StageData":
+             limit: int | None = None, device=torch.device("cpu"), tune_vision: bool = False) -> "StageData":
         config = model.config
         text = TextProcessor.load(model_dir, config.image_token_index, config.image_seq_length)
         template = "plain" if stage == 1 else "v1"
         examples, rejected = load_examples(data_json, image_folder, text, template, max_len, limit)
         paths = sorted({e.image for e in examples if e.image})
-        feats = image_features(model, Path(image_folder), paths, ImageProcessorConfig.load(model_dir)).to(device) \
-            if paths else None
+        images = None
+        if paths:
+            image_config = ImageProcessorConfig.load(model_dir)
+            encode = image_pixels if tune_vision else lambda *a: image_features(model, *a)
+            images = encode(Path(image_folder), paths, image_config).to(device)
         pad = text.pad_token_id if text.pad_token_id is not None else 0
-        return cls(examples, rejected, feats, {p: i for i, p in enumerate(paths)}, pad)
+        return cls(examples, rejected, images, {p: i for i, p in enumerate(paths)}, pad, tune_vision)
 
     def loss(self, model, idx) -> torch.Tensor:
         """Summed cross-entropy over the labelled tokens of examples idx."""
@@ -119,8 +134,12 @@ class StageData:
         device = next(model.parameters()).device
         arrays = {k: torch.from_numpy(v).to(device) for k, v in collate(batch, self.pad_id).items()}
         with_image = [self.slot[e.image] for e in batch if e.image]
-        vf = self.features[with_image] if with_image else None
-        logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=vf)
+        images = self.images[with_image] if with_image else None
+        if self.pixels:
+            logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"],
+                           pixel_values=None if images is None else images.float())
+        else:
+            logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=images)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -152,6 +171,7 @@ class StageConfig:
     save_every: int = 0
     gradient_checkpointing: bool = False
     limit: int | None = None  # use only the first N samples (smoke runs)
+    tune_vision: bool = False  # train the vision tower too (not the paper's setting; see the module doc)
     stop_after: int = 0
 
 
@@ -172,7 +192,8 @@ def run_stage(
     resume_from = last if resume and (last / "trainer_state.json").is_file() else None
     source = resume_from / "model" if resume_from else Path(model_dir)
     model = load_model(source).to(d.device).train()
-    data = StageData.load(model, model_dir, data_json, image_folder, sc.stage, sc.max_len, sc.limit, d.device)
+    data = StageData.load(model, model_dir, data_json, image_folder, sc.stage, sc.max_len, sc.limit, d.device,
+                          sc.tune_vision)
     examples, rejected = data.examples, data.rejected
     if d.main:
         for r in rejected[:20]:
@@ -189,6 +210,8 @@ def run_stage(
     trainable = list(model.multi_modal_projector.parameters())
     if sc.stage == 2:
         trainable += list(model.language_model.parameters()) + list(model.lm_head.parameters())
+    if sc.tune_vision:
+        trainable += list(model.vision_tower.parameters())
     trainable = list({id(p): p for p in trainable}.values())  # a tied head appears twice
     for p in trainable:
         p.requires_grad_(True)
@@ -203,7 +226,8 @@ def run_stage(
     cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
-                      desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'})")
+                      desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
+                           f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
     summary = train(model, trainable, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
                     resume_from, lengths=lengths)
