@@ -193,6 +193,7 @@ def _same_stage1(run: Path, r: Recipe) -> bool:
     if not (run / "stage1" / "final" / "config.json").is_file() or not report.is_file():
         return False
     cfg = json.loads(report.read_text())["config"]
+    want = json.loads(json.dumps(asdict(r.stage1), default=str))
     return (cfg.get("feature_layer") == r.feature_layer and cfg.get("projector_type") == r.projector_type
             and cfg.get("seed") == r.seed
-            and cfg.get("stage1") == json.loads(json.dumps(asdict(r.stage1), default=str)))
+            and {**want, **cfg.get("stage1", {})} == want)  # a report from before a new field has its default
