@@ -58,14 +58,22 @@ class ContrastiveCLIP(nn.Module):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+def save_hf_model(out_dir: Path, state: dict[str, torch.Tensor], config: dict, architecture: str,
+                  image_config: ImageProcessorConfig | None = None) -> None:
+    """model.safetensors + config.json (+ preprocessor_config.json), written atomically."""
+    tmp, commit = atomic_directory(Path(out_dir))
+    if image_config is not None:
+        image_config.save(tmp)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}, indent=2))
+    commit()
+
+
 def save_vision_tower(tower: CLIPVisionTower, cfg: VisionConfig, out_dir: Path, image_config: ImageProcessorConfig) -> None:
     """The HF CLIPVisionModel layout, with the preprocessor_config.json the tower was trained with."""
-    tmp, commit = atomic_directory(Path(out_dir))
-    image_config.save(tmp)
-    state = {f"vision_model.{k}": v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["CLIPVisionModel"]}, indent=2))
-    commit()
+    state = {f"vision_model.{k}": v for k, v in tower.state_dict().items()}
+    save_hf_model(out_dir, state, cfg.to_dict(), "CLIPVisionModel", image_config)
 
 
 def load_vision_tower(path: Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
@@ -137,12 +145,9 @@ class CausalLM(nn.Module):
 
 
 def save_llm(lm: CausalLM, cfg: TextConfig, out_dir: Path) -> None:
-    tmp, commit = atomic_directory(Path(out_dir))
-    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in lm.model.state_dict().items()}
-    state["lm_head.weight"] = lm.lm_head.weight.detach().cpu().contiguous()
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}, indent=2))
-    commit()
+    state = {f"model.{k}": v for k, v in lm.model.state_dict().items()}
+    state["lm_head.weight"] = lm.lm_head.weight
+    save_hf_model(out_dir, state, cfg.to_dict(), "LlamaForCausalLM")
 
 
 def load_llm(path: Path) -> tuple[TextConfig, dict[str, torch.Tensor]]:
