@@ -80,21 +80,23 @@ class Pipeline:
         request = self.prepare(messages, images, params)
         detok = StreamingDetokenizer(self.text, answer=True)
         first: list[float] = []
+        pieces: list[str] = []
+
+        def emit(piece: str) -> None:
+            pieces.append(piece)
+            if piece and on_text is not None:
+                on_text(piece)
 
         def on_token(_: int, token: int) -> None:
             if not first:
                 first.append(time.perf_counter() - start)
-            piece = detok.add(token)
-            if piece and on_text is not None:
-                on_text(piece)
+            emit(detok.add(token))
 
         out = generate(self.engine, [request], self.text.eos_token_ids, on_token=on_token)[0]
-        tail = detok.flush()
-        if tail and on_text is not None:
-            on_text(tail)
+        emit(detok.flush())
         total = time.perf_counter() - start
         return Answer(
-            text=self.text.decode(out.token_ids).lstrip(),  # the separator after "ASSISTANT:"
+            text="".join(pieces),  # what was streamed: decode(tokens) without the separator's leading space
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,
