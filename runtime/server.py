@@ -189,7 +189,12 @@ class Metrics:
 
 def build_app(llm: AsyncLLM, model_name: str, limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
-    context = min(limits.max_context or llm.pipeline.engine.max_context, llm.pipeline.engine.max_context)
+    model_context = llm.pipeline.engine.max_context
+    # A request must fit the whole KV cache even when it runs alone (as vLLM's max_model_len must).
+    kv_tokens = llm.scheduler.num_blocks * llm.scheduler.block_size
+    context = min(limits.max_context or model_context, model_context, kv_tokens)
+    context_note = (f" (the KV cache holds {kv_tokens} tokens; give the server more with --kv-cache-bytes)"
+                    if context == kv_tokens < min(limits.max_context or model_context, model_context) else "")
     metrics = Metrics(llm)
     app = FastAPI(title=PROG)
     app.state.llm, app.state.metrics = llm, metrics
@@ -274,7 +279,7 @@ def build_app(llm: AsyncLLM, model_name: str, limits: ServerLimits | None = None
             max_tokens = max(1, min(limits.default_max_tokens, context - n_prompt))
         if n_prompt + max_tokens > context:
             raise ApiError(400, f"the prompt is {n_prompt} tokens and max_tokens {max_tokens}: over the context of "
-                                f"{context} tokens; lower max_tokens or shorten the prompt", "max_tokens",
+                                f"{context} tokens{context_note}; lower max_tokens or shorten the prompt", "max_tokens",
                            "context_length_exceeded")
         req.params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos)

@@ -242,6 +242,43 @@ def test_queue_full_and_shutting_down(model_dir, server):
     assert r503.status_code == 503 and health.status_code == 503
 
 
+def test_small_kv_cache_and_local_file_limits(model_dir, server, tmp_path):
+    """A prompt the whole KV cache cannot hold is a 400 naming --kv-cache-bytes (not a 500 from the
+    engine); a file:// image over the pixel limit is a 400 like an inline one."""
+    llm, _ = server
+    engine = llm.pipeline.engine
+    per_block = sum(c.nbytes for c in engine.k_caches + engine.v_caches) // engine.blocks.num_blocks
+    small = AsyncLLM.load(model_dir, kv_cache_bytes=2 * per_block)  # 2 blocks of 16: 32 tokens
+    assert small.scheduler.num_blocks * small.scheduler.block_size == 32
+    Image.new("RGB", (600, 600), (200, 30, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "small.png")
+    app = build_app(small, "tiny", ServerLimits(max_image_pixels=500 * 500, allowed_media_dir=tmp_path))
+
+    def image_body(url):
+        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "hi"}]}], "max_tokens": 2}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as client:
+            post = lambda body: client.post("/v1/chat/completions", json=body)  # noqa: E731
+            return await asyncio.gather(post({"messages": user("hi"), "max_tokens": 4}),  # 19 + 4 tokens: fits
+                                        post(image_body("file://" + str(tmp_path / "small.png"))),  # 36 tokens
+                                        post(image_body("file://" + str(tmp_path / "big.png"))),
+                                        client.get("/v1/models"))
+
+    try:
+        fits, too_long, big, models = asyncio.run(run())
+    finally:
+        small.shutdown(5)
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["choices"][0]["message"]["content"]
+    assert too_long.status_code == 400, too_long.text
+    assert "KV cache holds 32 tokens" in too_long.json()["error"]["message"]
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert big.status_code == 400 and "over the limit" in big.json()["error"]["message"], big.text
+    assert models.json()["data"][0]["max_model_len"] == 32
+
+
 def test_sigterm_drains_in_flight_requests(model_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llava_rt.runtime.server", str(model_dir), "--port", str(port),
