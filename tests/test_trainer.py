@@ -62,6 +62,12 @@ def test_smoke_recipe_loss_falls_and_checkpoint_loads(smoke):
     assert instruct[1] < 0.7 * instruct[0], instruct
     for key in ("conversation_exact_match", "reasoning_exact_match", "detail_objects_named"):
         assert 0.0 <= report["eval"][key] <= 1.0
+    forms = report["eval"]["by_question"]
+    counts = report["eval"]["counts"]
+    assert sum(f["n"] for f in forms.values()) == counts["conversation"] + counts.get("reasoning", 0)
+    n_conv = sum(f["n"] for k, f in forms.items() if k.startswith("conversation: "))
+    hits = sum(f["accuracy"] * f["n"] for k, f in forms.items() if k.startswith("conversation: "))
+    assert n_conv == counts["conversation"] and abs(hits / n_conv - report["eval"]["conversation_exact_match"]) < 1e-3
     final = smoke / "stage2" / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "preprocessor_config.json", "chat_template.jinja"):
@@ -304,6 +310,15 @@ def test_scienceqa_evaluator(smoke, tmp_path):
     assert report["accuracy"]["all"] == round(n_correct / 5, 4)
 
 
+def test_question_forms_hide_the_scene_words():
+    from llava_rt.trainer.evaluate import question_form
+
+    assert question_form("<image>\nWhat color is the large star?") == "what color is the SIZE SHAPE?"
+    assert question_form("Is there a red square at the top left?") == "is there a COLOR SHAPE at the PLACE?"
+    assert question_form("How many circles are there?") == "how many SHAPE are there?"
+    assert question_form("How many objects are there in the image?") == "how many objects are there in the image?"
+
+
 def test_answer_letter_parsing_follows_the_llava_repo():
     assert parse_answer_letter("B", 3) == "B"
     assert parse_answer_letter("C. triangle", 3) == "C"
@@ -342,3 +357,30 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
             assert detailed_description(scene) == s["conversations"][1]["value"]
     pretrain = json.loads((a / "pretrain.json").read_text())
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
+
+
+def test_patch_coverage_finds_the_rendered_objects():
+    """The region loss pools the patches world.patch_coverage names for each object: after the
+    image processor's pad-to-square and resize, the object's own pixels must lie in those patches."""
+    from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
+    from llava_rt.trainer.recipe import image_processor_for
+    from llava_rt.trainer.world import COLORS, Scene, SceneObject, patch_coverage, render
+
+    style = {"background_kind": "plain", "antialias": False, "jitter": 0, "seed": 3}
+    for width, height in ((240, 130), (130, 240), (160, 160)):
+        objects = [SceneObject("red", "square", "large", 0, 2), SceneObject("blue", "circle", "small", 2, 0),
+                   SceneObject("green", "triangle", "large", 1, 1)]
+        scene = Scene(width, height, "white", objects, style)
+        image = render(scene)
+        coverage = patch_coverage(scene, 96, 16)
+        assert coverage.shape == (5, 36) and not coverage[3:].any()
+        np.testing.assert_allclose(coverage[:3].sum(1), 1.0, rtol=1e-5)
+        pixels = preprocess([image], image_processor_for(96))[0].transpose(1, 2, 0)
+        rgb = (pixels * np.array(OPENAI_CLIP_STD) + np.array(OPENAI_CLIP_MEAN)) * 255
+        for k, obj in enumerate(objects):
+            mine = np.abs(rgb - np.array(COLORS[obj.color])).max(-1) < 30  # the object's interior
+            per_patch = mine.reshape(6, 16, 6, 16).sum((1, 3)).reshape(-1)
+            assert per_patch.sum() > 20
+            inside = per_patch[coverage[k] > 0].sum() / per_patch.sum()
+            assert inside == 1.0, (width, height, obj.color, inside)
+            assert per_patch[coverage[k].argmax()] > 0

@@ -5,6 +5,9 @@ Held-out instruction data (eval.json from the synthetic world):
       the earlier turns of the conversation given (teacher forcing), after normalising case,
       spaces and a trailing period;
   detail: the share of scene objects mentioned with the right colour and shape ("red circle").
+Conversation and reasoning scores are also broken down by question form (`by_question`: the
+question with its colours, shapes, sizes and places replaced by COLOR, SHAPE, SIZE, PLACE), so a
+weak skill shows (counting, shapes, places) instead of hiding in one number.
 
 ScienceQA (problems.json in the ScienceQA release format): multiple choice, the prompt as the LLaVA
 repo builds it, the answer letter parsed as its eval_science_qa.py does, accuracy by subject and
@@ -26,7 +29,7 @@ from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 
 from .data import IMAGE_TAG, to_messages
-from .world import COLORS, SHAPES
+from .world import COLORS, COLS, ROWS, SHAPES, SIZES
 
 
 def normalize(text: str) -> str:
@@ -36,6 +39,19 @@ def normalize(text: str) -> str:
 def objects_mentioned(text: str) -> Counter:
     pattern = rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b"
     return Counter(re.findall(pattern, text.lower()))
+
+
+_FORM_WORDS = [(r"\b(?:%s)s?\b" % "|".join(words), name) for words, name in (
+    (COLORS, "COLOR"), (SHAPES, "SHAPE"), (SIZES, "SIZE"), (ROWS + COLS, "PLACE"))]
+
+
+def question_form(question: str) -> str:
+    """'What color is the large star?' -> 'what color is the SIZE SHAPE?'"""
+    form = question.replace(IMAGE_TAG, "").strip().lower()
+    for pattern, name in _FORM_WORDS:
+        form = re.sub(pattern, name, form)
+    form = re.sub(r"\b\d+\b", "N", form)
+    return re.sub(r"PLACE(?: PLACE)+", "PLACE", form)
 
 
 def _answer_all(pipe: Pipeline, jobs: list[tuple[list[dict], str | None]], image_folder: Path, max_new_tokens: int,
@@ -66,6 +82,7 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
             refs.append((s.get("type", "conversation"), turns[t + 1]["value"], s["id"], turns[t]["value"]))
     answers = _answer_all(pipe, jobs, Path(image_folder), max_new_tokens)
     scores: dict[str, list[float]] = defaultdict(list)
+    by_form: dict[str, list[float]] = defaultdict(list)
     examples = defaultdict(list)
     for (kind, ref, sid, question), got in zip(refs, answers):
         if kind == "detail":
@@ -75,6 +92,8 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
         else:
             score = float(normalize(got) == normalize(ref))
         scores[kind].append(score)
+        if kind != "detail":
+            by_form[f"{kind}: {question_form(question)}"].append(score)
         if score < 1 and len(examples[kind]) < 5:
             examples[kind].append({"id": sid, "question": question.replace(IMAGE_TAG, "").strip(), "reference": ref,
                                    "answer": got})
@@ -83,6 +102,7 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
         "reasoning_exact_match": _mean(scores["reasoning"]),
         "detail_objects_named": _mean(scores["detail"]),
         "counts": {k: len(v) for k, v in scores.items()},
+        "by_question": {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(by_form.items())},
         "misses": dict(examples),
     }
 

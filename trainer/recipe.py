@@ -10,6 +10,10 @@ few million parameters trained from scratch on a 2-core CPU:
 
 Stage 2's learning rate is higher than the paper's 2e-5 because our LLM is tiny and was
 pretrained on little text; 2e-5 is tuned for fine-tuning a 7B Vicuna that already speaks well.
+
+The base CLIP (no paper counterpart: the paper starts from OpenAI's) adds a region loss to
+InfoNCE, each object's box-pooled patches against its "size colour shape" phrase; without it the
+frozen tower hardly encodes shape (docs/REPRODUCTION.md has the probe).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from llava_rt.config import TextConfig, VisionConfig
 from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessorConfig, load_image, preprocess
 from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 
-from .base_models import ClipRecipe, LMRecipe, train_clip, train_llm
+from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
 from .data import corpus_text, generate_dataset, load_scenes
-from .instructions import detailed_description
+from .instructions import describe, detailed_description
+from .world import COLORS, MAX_OBJECTS, SHAPES, SIZES, patch_coverage
 from .stages import StageConfig, build_llava, run_stage
 
 
@@ -42,6 +47,8 @@ class Recipe:
     text: TextConfig
     clip_epochs: float
     clip_batch: int
+    clip_lr: float
+    clip_region_weight: float  # the object-phrase loss of the base CLIP (0: image-caption InfoNCE only)
     lm_epochs: float
     stage1: StageConfig
     stage2: StageConfig
@@ -59,7 +66,7 @@ def preset(name: str) -> Recipe:
                                 image_size=96, patch_size=16, projection_dim=128),
             text=TextConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512),
-            clip_epochs=5, clip_batch=128, lm_epochs=0.3,
+            clip_epochs=15, clip_batch=128, clip_lr=2e-3, clip_region_weight=1.0, lm_epochs=0.3,
             stage1=StageConfig(stage=1, lr=2e-3, batch_size=64, micro_batch_size=64, epochs=1),
             stage2=StageConfig(stage=2, lr=1e-3, batch_size=32, micro_batch_size=32, epochs=2),
         )
@@ -70,7 +77,7 @@ def preset(name: str) -> Recipe:
                                 image_size=32, patch_size=16, projection_dim=16),
             text=TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-            clip_epochs=2, clip_batch=32, lm_epochs=4,
+            clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, lm_epochs=4,
             stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
             stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=2),
         )
@@ -101,12 +108,22 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
         preprocess([load_image(data_dir / "images" / f"{sid}.png") for sid in train_ids[i : i + 256]], image_config)
         for i in range(0, len(train_ids), 256)
     ]).astype(np.float16)
-    captions = [text.tokenizer.encode(detailed_description(s), add_special_tokens=False).ids + [ids.eos_token_id]
-                for _, s in scenes[: r.n_train]]
+    def encode(s: str) -> list[int]:
+        return text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
+
+    captions = [encode(detailed_description(s)) for _, s in scenes[: r.n_train]]
+    phrases = [f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES]
+    index = {p: i for i, p in enumerate(phrases)}
+    labels = np.full((r.n_train, MAX_OBJECTS), -1, dtype=np.int64)
+    for i, (_, s) in enumerate(scenes[: r.n_train]):
+        labels[i, : len(s.objects)] = [index[describe(o)] for o in s.objects]
+    regions = ClipRegions(np.stack([patch_coverage(s, r.image_size, r.vision.patch_size) for _, s in scenes[: r.n_train]]),
+                          labels, [encode(p) for p in phrases])
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=512)
-    clip = train_clip(pixels, captions, ClipRecipe(r.vision, clip_text, epochs=r.clip_epochs, batch_size=r.clip_batch),
-                      image_config, base_dir, seed=r.seed)
+    clip_recipe = ClipRecipe(r.vision, clip_text, epochs=r.clip_epochs, batch_size=r.clip_batch, lr=r.clip_lr,
+                             region_weight=r.clip_region_weight, feature_layer=r.feature_layer)
+    clip = train_clip(pixels, captions, clip_recipe, image_config, base_dir, seed=r.seed, regions=regions)
     timings["clip_s"] = time.time() - t
     log(f"CLIP: final contrastive loss {clip['final_loss']:.3f} after {clip['steps']} steps")
 

@@ -31,6 +31,7 @@ SIZES = ("small", "large")
 # 3 x 3 grid of the canvas; a scene puts at most one object in a cell, so positions are definite.
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
+MAX_OBJECTS = 5
 BACKGROUNDS = {  # name -> base RGB; light and dark, never one of the object colours
     "white": (245, 245, 245),
     "light gray": (200, 200, 200),
@@ -89,7 +90,7 @@ class Scene:
         return cls(d["width"], d["height"], d["background"], objs, d.get("style", {}))
 
 
-def sample_scene(rng: random.Random, max_objects: int = 5) -> Scene:
+def sample_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
     # Aspect ratios from 3:4 to 4:3 and sizes from 96 to 320 px.
     width = rng.randint(96, 320)
     height = int(width * rng.uniform(0.75, 1.333))
@@ -183,3 +184,23 @@ def render(scene: Scene) -> Image.Image:
     if scene.style.get("blur"):
         img = img.filter(ImageFilter.GaussianBlur(0.8))
     return img
+
+
+def patch_coverage(scene: Scene, image_size: int, patch_size: int, max_objects: int = MAX_OBJECTS) -> np.ndarray:
+    """[max_objects, grid * grid]: the share of each object's bounding box that falls in each patch of
+    the tower's input, after LLaVA-1.5's pad-to-square (centred) and resize to image_size. Rows of
+    absent objects are zero. The base CLIP pools patch features with it (trainer/base_models.py)."""
+    n = max(scene.width, scene.height)
+    left, top = (n - scene.width) // 2, (n - scene.height) // 2
+    scale, grid = image_size / n, image_size // patch_size
+    edges = np.arange(grid + 1) * patch_size
+    out = np.zeros((max_objects, grid * grid), dtype=np.float32)
+    for k, obj in enumerate(scene.objects[:max_objects]):
+        x0, y0, x1, y1 = obj.box
+        x0, x1 = (x0 + left) * scale, (x1 + left) * scale
+        y0, y1 = (y0 + top) * scale, (y1 + top) * scale
+        cover_x = np.clip(np.minimum(x1, edges[1:]) - np.maximum(x0, edges[:-1]), 0, None)
+        cover_y = np.clip(np.minimum(y1, edges[1:]) - np.maximum(y0, edges[:-1]), 0, None)
+        area = np.outer(cover_y, cover_x).reshape(-1)
+        out[k] = area / max(area.sum(), 1e-9)
+    return out
