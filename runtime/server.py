@@ -190,11 +190,12 @@ class Metrics:
 def build_app(llm: AsyncLLM, model_name: str, limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
     model_context = llm.pipeline.engine.max_context
+    asked = min(limits.max_context or model_context, model_context)
     # A request must fit the whole KV cache even when it runs alone (as vLLM's max_model_len must).
     kv_tokens = llm.scheduler.num_blocks * llm.scheduler.block_size
-    context = min(limits.max_context or model_context, model_context, kv_tokens)
+    context = min(asked, kv_tokens)
     context_note = (f" (the KV cache holds {kv_tokens} tokens; give the server more with --kv-cache-bytes)"
-                    if context == kv_tokens < min(limits.max_context or model_context, model_context) else "")
+                    if kv_tokens < asked else "")
     metrics = Metrics(llm)
     app = FastAPI(title=PROG)
     app.state.llm, app.state.metrics = llm, metrics

@@ -72,7 +72,7 @@ class ContrastiveCLIP(nn.Module):
         logits = scale * img @ txt.t()
         target = torch.arange(len(ids), device=ids.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        if regions is not None and self.region_weight > 0:
+        if regions is not None:
             coverage, labels, phrase_ids, phrase_lengths = regions
             pooled = torch.einsum("bkp,bpd->bkd", coverage, hidden[self.feature_layer][:, 1:])[labels >= 0]
             obj = F.normalize(self.region_projection(pooled), dim=-1)
@@ -129,7 +129,7 @@ class ClipRecipe:
     epochs: float = 4.0
     weight_decay: float = 0.1
     region_weight: float = 0.0  # the object-phrase loss (ContrastiveCLIP); needs `regions` in train_clip
-    feature_layer: int = -2
+    feature_layer: int | list[int] = -2  # the projector's layer(s); the region loss pools the last one
 
 
 @dataclass
@@ -154,16 +154,17 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
     """Contrastive image-text training on (image, caption) pairs; saves the vision tower to out_dir/clip."""
     torch.manual_seed(seed)
     feature_layer = recipe.feature_layer if isinstance(recipe.feature_layer, int) else recipe.feature_layer[-1]
+    use_regions = regions is not None and recipe.region_weight > 0
     model = ContrastiveCLIP(recipe.vision, recipe.text, recipe.embed_dim, feature_layer,
-                            recipe.region_weight if regions is not None else 0.0)
+                            recipe.region_weight if use_regions else 0.0)
     ids, lengths = _pad(captions)
-    if regions is not None:
+    if use_regions:
         phrase_ids, phrase_lengths = (torch.from_numpy(a) for a in _pad(regions.phrases))
 
     def loss_fn(m, idx):
         px = torch.from_numpy(pixels[idx].astype(np.float32))
         boxes = None
-        if regions is not None:
+        if use_regions:
             boxes = (torch.from_numpy(regions.coverage[idx]), torch.from_numpy(regions.labels[idx]), phrase_ids, phrase_lengths)
         return m(px, torch.from_numpy(ids[idx]), torch.from_numpy(lengths[idx]), boxes), 1
 

@@ -33,7 +33,7 @@ from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
 from .data import corpus_text, generate_dataset, load_scenes
 from .instructions import describe, detailed_description
-from .world import COLORS, MAX_OBJECTS, SHAPES, SIZES, patch_coverage
+from .world import COLORS, MAX_OBJECTS, SHAPES, SIZES, SceneObject, patch_coverage
 from .stages import StageConfig, build_llava, run_stage
 
 
@@ -112,7 +112,7 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
         return text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
 
     captions = [encode(detailed_description(s)) for _, s in scenes[: r.n_train]]
-    phrases = [f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES]
+    phrases = [describe(SceneObject(color, shape, size, 0, 0)) for size in SIZES for color in COLORS for shape in SHAPES]
     index = {p: i for i, p in enumerate(phrases)}
     labels = np.full((r.n_train, MAX_OBJECTS), -1, dtype=np.int64)
     for i, (_, s) in enumerate(scenes[: r.n_train]):
