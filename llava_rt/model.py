@@ -261,7 +261,7 @@ class LlamaAttention(nn.Module):
     def _sdpa(self, q, k, v, mask=None, is_causal=False):
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
     def _plain(self, q, k, v, attention_mask):
@@ -283,12 +283,19 @@ class LlamaAttention(nn.Module):
         new_v = v.transpose(1, 2).reshape(-1, n_kv, d)[keep]
         k_cache.view(-1, n_kv, d).index_copy_(0, slots[keep], new_k.to(k_cache.dtype))
         v_cache.view(-1, n_kv, d).index_copy_(0, slots[keep], new_v.to(v_cache.dtype))
-        b = q.shape[0]
-        keys = k_cache[kv.block_tables].view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
-        values = v_cache[kv.block_tables].view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
-        key_pos = torch.arange(keys.shape[2], device=q.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv.context_lens[:, None, None])
-        return self._sdpa(q, keys, values, mask[:, None])
+        # One sequence at a time: gathering only its own blocks keeps the copy small enough to
+        # stay in cache, and needs no padding; a batch-wide padded gather is ~3x slower on CPU.
+        out = torch.zeros_like(q)
+        t = q.shape[2]
+        for i, (n, n_q) in enumerate(zip(kv.context_lens.tolist(), (slots.view(q.shape[0], t) >= 0).sum(1).tolist())):
+            blocks = kv.block_tables[i, : -(-n // block_size)]
+            keys = k_cache.index_select(0, blocks).view(-1, n_kv, d)[:n].transpose(0, 1).to(q.dtype)
+            values = v_cache.index_select(0, blocks).view(-1, n_kv, d)[:n].transpose(0, 1).to(q.dtype)
+            mask = None
+            if n_q > 1:  # new tokens see the cache and each other causally
+                mask = torch.arange(n, device=q.device)[None, :] <= positions[i, :n_q, None]
+            out[i, :, :n_q] = self._sdpa(q[i, :, :n_q], keys, values, mask)
+        return out
 
     def _paged_kernels(self, x, positions, kv: PagedKV) -> torch.Tensor:
         """The Triton path: RoPE fused with the cache write, then paged decode or chunked-prefill

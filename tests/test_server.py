@@ -249,6 +249,27 @@ def test_queue_full_and_shutting_down(model_dir, server):
     assert r503.status_code == 503 and health.status_code == 503
 
 
+def test_async_llm_loads_on_its_engine_thread(model_dir, tmp_path):
+    """The weights load on the engine thread (one OpenMP pool in the process); a load that fails
+    raises the loader's error in the caller and leaves no thread behind."""
+    engines = lambda: sum(t.name == "llava-engine" for t in threading.enumerate())  # noqa: E731
+    before = engines()
+    with pytest.raises(ValueError, match="not found"):
+        AsyncLLM.load(tmp_path / "missing")
+    time.sleep(0.1)
+    assert engines() == before
+    seen = []
+    real = Pipeline.load
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    llm = AsyncLLM(lambda: spy(model_dir))
+    llm.shutdown(1)
+    assert seen == ["llava-engine"]
+
+
 def test_small_kv_cache_and_local_file_limits(model_dir, server, tmp_path):
     """A prompt the whole KV cache cannot hold is a 400 naming --kv-cache-bytes (not a 500 from the
     engine); a file:// image over the pixel limit is a 400 like an inline one."""
