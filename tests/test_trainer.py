@@ -125,14 +125,19 @@ def test_tune_vision_trains_the_tower_and_the_default_keeps_it_frozen(smoke, tmp
     with torch.no_grad():  # cached tower output and the tower run on the (fp16-cached) pixels agree
         torch.testing.assert_close(pixels.loss(model, idx), cached.loss(model, idx), rtol=5e-3, atol=0)
     before = load_file(src / "model.safetensors")
-    for tune in (False, True):
-        sc = StageConfig(stage=2, lr=1e-3, batch_size=8, micro_batch_size=8, epochs=1, limit=16, tune_vision=tune)
-        run_stage(src, data / "instruct.json", data, tmp_path / str(tune), sc, log=lambda *_: None)
-        after = load_file(tmp_path / str(tune) / "final" / "model.safetensors")
-        vision = [k for k in before if "vision_tower" in k]
+    vision = [k for k in before if "vision_tower" in k]
+    # (tune, the tower's own lr): frozen; tuned at the LLM's lr; tuned at lr 0 (its own param group)
+    for tune, vision_lr in ((False, None), (True, None), (True, 0.0)):
+        sc = StageConfig(stage=2, lr=1e-3, batch_size=8, micro_batch_size=8, epochs=1, limit=16, tune_vision=tune,
+                         vision_lr=vision_lr)
+        out = tmp_path / f"{tune}-{vision_lr}"
+        run_stage(src, data / "instruct.json", data, out, sc, log=lambda *_: None)
+        after = load_file(out / "final" / "model.safetensors")
         changed = [k for k in vision if not torch.equal(before[k], after[k])]
-        assert vision and bool(changed) == tune, (tune, changed)
-        assert tune == any("patch_embedding" in k for k in changed)  # gradients reach the first layer
+        moves = tune and vision_lr != 0.0
+        assert vision and bool(changed) == moves, (tune, vision_lr, changed)
+        assert moves == any("patch_embedding" in k for k in changed)  # gradients reach the first layer
+        assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
 
 
 def _stage_cmd(smoke: Path, out: Path, *extra: str) -> list[str]:

@@ -40,6 +40,7 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--tune-vision", action="store_true",
                    help="train the vision tower too (LLaVA-NeXT style; the paper keeps it frozen)")
+    p.add_argument("--vision-lr", type=float, default=None, help="the tower's lr with --tune-vision (default: --lr)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
 
@@ -128,7 +129,7 @@ def run(args) -> int:
                          micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_len=args.max_len,
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
-                         tune_vision=args.tune_vision)
+                         tune_vision=args.tune_vision, vision_lr=args.vision_lr)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

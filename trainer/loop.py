@@ -142,7 +142,7 @@ def batch_indices(n: int, step: int, steps_per_epoch: int, batch_size: int, seed
 
 def train(
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict],
     n_examples: int,
     loss_fn: Callable[[torch.nn.Module, np.ndarray], tuple[torch.Tensor, int]],
     count_fn: Callable[[np.ndarray], int],
@@ -152,7 +152,7 @@ def train(
     resume_from: Path | None = None,
     lengths: np.ndarray | None = None,
 ) -> dict:
-    """Train `params` of `model`. loss_fn(model, indices) -> (summed loss, count) over those examples;
+    """Train `params` of `model` (parameters, or AdamW param groups where one needs its own lr). loss_fn(model, indices) -> (summed loss, count) over those examples;
     count_fn(indices) -> the same count without a forward, used to normalise the global batch.
     Returns the summary (final loss, steps, seconds). Writes out_dir/checkpoint-last/ and metrics."""
     d = dist_info or DistInfo()
@@ -163,6 +163,7 @@ def train(
     wrapped = model
     if d.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = max(1, n_examples // cfg.batch_size)  # drop the last partial batch, as the global batch must be full
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -202,7 +203,7 @@ def train(
         if d.world > 1:
             dist.all_reduce(loss_sum)
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

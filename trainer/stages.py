@@ -172,6 +172,7 @@ class StageConfig:
     gradient_checkpointing: bool = False
     limit: int | None = None  # use only the first N samples (smoke runs)
     tune_vision: bool = False  # train the vision tower too (not the paper's setting; see the module doc)
+    vision_lr: float | None = None  # the tower's lr when tuned (None: lr); LLaVA-NeXT uses lr / 5
     stop_after: int = 0
 
 
@@ -210,11 +211,11 @@ def run_stage(
     trainable = list(model.multi_modal_projector.parameters())
     if sc.stage == 2:
         trainable += list(model.language_model.parameters()) + list(model.lm_head.parameters())
-    if sc.tune_vision:
-        trainable += list(model.vision_tower.parameters())
     trainable = list({id(p): p for p in trainable}.values())  # a tied head appears twice
-    for p in trainable:
+    vision = list(model.vision_tower.parameters()) if sc.tune_vision else []
+    for p in trainable + vision:
         p.requires_grad_(True)
+    groups = [{"params": trainable}] + ([{"params": vision, "lr": sc.lr if sc.vision_lr is None else sc.vision_lr}] if vision else [])
     model.language_model.gradient_checkpointing = sc.gradient_checkpointing
 
     def loss_fn(m, idx):
@@ -229,9 +230,9 @@ def run_stage(
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
-    summary = train(model, trainable, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
+    summary = train(model, groups, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
                     resume_from, lengths=lengths)
     if d.main and summary["finished"]:
         save_checkpoint(model, out_dir / "final", copy_from=model_dir)
-    summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable))
+    summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable + vision))
     return summary
