@@ -22,6 +22,7 @@ import io
 import json
 import multiprocessing
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -206,10 +207,11 @@ def main() -> None:
     from llava_rt.runtime.server import build_app
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
-            from llava_rt.random_checkpoint import make_random_checkpoint
-
-            model_dir = make_random_checkpoint(Path(tmp) / "model", args.preset)
+        if args.model is None:  # in a child process: torch ops on this thread would give the process
+            # a second OpenMP pool, and the engine thread's would stop spin-waiting (see runtime/llm.py)
+            model_dir = Path(tmp) / "model"
+            subprocess.run([sys.executable, "-m", "llava_rt.random_checkpoint", str(model_dir), "--preset", args.preset],
+                           check=True, stdout=subprocess.DEVNULL)
         else:
             model_dir = args.model
         n_max = max(args.requests, *args.concurrency)
@@ -235,7 +237,8 @@ def main() -> None:
         table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
         if baseline is not None:
             table.append({"concurrency": "transformers 1-at-a-time", **{k: round(v, 3) for k, v in baseline.items()}})
-        print(f"preset={args.preset} max_tokens={args.max_tokens} requests/level={args.requests} "
+        model_name = f"{args.preset} preset" if args.model is None else f"model {args.model}"
+        print(f"{model_name} max_tokens={args.max_tokens} requests/level={args.requests} "
               f"(half with an image, half text-only)")
         print_table(table, ["concurrency", "requests", "ttft_p50_s", "ttft_p99_s", "tpot_ms", "throughput_tok_s",
                             "x_baseline_throughput"])
@@ -245,7 +248,7 @@ def main() -> None:
         path = write_json("serve-cpu", payload, args.out)
         if baseline is not None:
             png = path.with_suffix(".png")
-            plot(rows, baseline, png, f"llava-serve vs transformers, {args.preset} preset, CPU")
+            plot(rows, baseline, png, f"llava-serve vs transformers, {model_name}, CPU")
             print(f"wrote {path} and {png}")
         else:
             print(f"wrote {path}")

@@ -294,7 +294,9 @@ class LlamaAttention(nn.Module):
             mask = None
             if n_q > 1:  # new tokens see the cache and each other causally
                 mask = torch.arange(n, device=q.device)[None, :] <= positions[i, :n_q, None]
-            out[i, :, :n_q] = self._sdpa(q[i, :, :n_q], keys, values, mask)
+            # 4-D inputs take the fused CPU kernel (3-D ones fall back to the op-by-op math path)
+            out[i, :, :n_q] = F.scaled_dot_product_attention(q[i : i + 1, :, :n_q], keys[None], values[None], mask,
+                                                             enable_gqa=n_kv != self.num_heads)[0]
         return out
 
     def _paged_kernels(self, x, positions, kv: PagedKV) -> torch.Tensor:
