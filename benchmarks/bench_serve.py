@@ -1,6 +1,7 @@
 """Load benchmark of llava-serve: a concurrency sweep against transformers answering one at a time.
 
     python benchmarks/bench_serve.py [--preset mid] [--concurrency 1 4 16 64] [--requests 16] [--max-tokens 128]
+                                     [--device cuda --dtype float16]   (the GPU suite)
 
 A random-weight checkpoint of the preset is made in a temp dir (or pass --model). The server runs
 in this process on loopback (uvicorn in a thread); clients stream over HTTP (httpx, SSE) from a
@@ -118,7 +119,8 @@ def measure_level(url: str, requests: list[dict], concurrency: int, max_tokens: 
     return asyncio.run(run_level(url, requests, concurrency, max_tokens))
 
 
-def run_baseline(model_dir: Path, pipe, requests: list[dict], max_tokens: int) -> dict:
+def run_baseline(model_dir: Path, pipe, requests: list[dict], max_tokens: int, device: str = "cpu",
+                 dtype: str = "float32") -> dict:
     """transformers generate, one request at a time (the LLaVA repo's model worker)."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -127,7 +129,7 @@ def run_baseline(model_dir: Path, pipe, requests: list[dict], max_tokens: int) -
     from llava_rt.image_processor import load_image, preprocess
     from llava_rt.runtime.llm import prompt_messages
 
-    hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
 
     class FirstToken(BaseStreamer):  # put() gets the prompt first, then each new token
         def __init__(self):
@@ -147,14 +149,17 @@ def run_baseline(model_dir: Path, pipe, requests: list[dict], max_tokens: int) -
         t0 = time.perf_counter()
         prompt = {"prompt": item["question"], "image": item["image"]}
         messages, images = prompt_messages(prompt)
-        ids = torch.tensor([pipe.prompt_ids(messages, len(images))])
+        ids = torch.tensor([pipe.prompt_ids(messages, len(images))], device=device)
         kw = {}
         if images:
-            kw["pixel_values"] = torch.from_numpy(preprocess([load_image(item["image"])], pipe.image_config))
+            pixels = torch.from_numpy(preprocess([load_image(item["image"])], pipe.image_config))
+            kw["pixel_values"] = pixels.to(device, getattr(torch, dtype))
         streamer = FirstToken()
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                               eos_token_id=None, pad_token_id=0, streamer=streamer, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         total = time.perf_counter() - t0
         n = out.shape[1] - ids.shape[1]
         assert n == max_tokens
@@ -199,6 +204,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both engines)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/serve-cpu-DATE.json)")
     args = p.parse_args()
 
@@ -215,7 +222,8 @@ def main() -> None:
         else:
             model_dir = args.model
         n_max = max(args.requests, *args.concurrency)
-        llm = AsyncLLM.load(model_dir, config=SchedulerConfig(max_num_seqs=64), max_queue=1024, max_num_seqs=64)
+        llm = AsyncLLM.load(model_dir, device=args.device, dtype=args.dtype, config=SchedulerConfig(max_num_seqs=64),
+                            max_queue=1024, max_num_seqs=64)
         size = llm.pipeline.engine.config.vision_config.image_size
         requests = make_requests(n_max, size)
         url, server = start_server(build_app(llm, "bench"))
@@ -231,7 +239,8 @@ def main() -> None:
         llm.shutdown(1)
         baseline = None
         if not args.no_baseline:
-            baseline = run_baseline(model_dir, llm.pipeline, requests[: args.requests], args.max_tokens)
+            baseline = run_baseline(model_dir, llm.pipeline, requests[: args.requests], args.max_tokens, args.device,
+                                    args.dtype)
             for r in rows:
                 r["x_baseline_throughput"] = r["throughput_tok_s"] / baseline["throughput_tok_s"]
         table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
@@ -242,13 +251,14 @@ def main() -> None:
               f"(half with an image, half text-only)")
         print_table(table, ["concurrency", "requests", "ttft_p50_s", "ttft_p99_s", "tpot_ms", "throughput_tok_s",
                             "x_baseline_throughput"])
-        payload = {"preset": args.preset if args.model is None else str(args.model), "max_tokens": args.max_tokens,
+        payload = {"preset": args.preset if args.model is None else str(args.model), "device": args.device,
+                   "dtype": args.dtype, "max_tokens": args.max_tokens,
                    "requests_per_level": args.requests, "mix": "half image (distinct), half text-only; greedy, EOS ignored",
                    "rows": rows, "baseline_transformers_one_at_a_time": baseline}
-        path = write_json("serve-cpu", payload, args.out)
+        path = write_json(f"serve-{args.device.split(':')[0]}", payload, args.out)
         if baseline is not None:
             png = path.with_suffix(".png")
-            plot(rows, baseline, png, f"llava-serve vs transformers, {model_name}, CPU")
+            plot(rows, baseline, png, f"llava-serve vs transformers, {model_name}, {args.device} {args.dtype}")
             print(f"wrote {path} and {png}")
         else:
             print(f"wrote {path}")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite (issue 5): one call on the lent GPU machine, well under 8 minutes.
+# The GPU suite (issues 5 and 6): one call on the lent GPU machine (give it 540 s; the serve
+# step comes last, so a slow machine loses only that one).
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh            # on the GPU machine ($OUT is given there)
 #   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh   # dry run on a CPU: interpreter tests, --smoke benches
@@ -12,6 +13,7 @@
 #   tests     the kernel tests and the engine's kernel path on the GPU, plus the engine tests
 #   kernels   benchmarks/bench_kernels.py     -> $OUT/kernels-gpu.json
 #   e2e       benchmarks/bench_gpu_e2e.py     -> $OUT/e2e-gpu.json (LLaVA-1.5-7B shapes, fp16)
+#   serve     benchmarks/bench_serve.py       -> $OUT/serve-gpu.json (issue 6: mid preset, fp16, HTTP sweep)
 # Copy the JSON files to benchmarks/results/ with the date and summarise them in RESULTS.md.
 set -u
 OUT=${OUT:?set OUT to the folder for logs and JSON}
@@ -37,9 +39,11 @@ step() {  # step NAME SECONDS COMMAND...
 if [ "$SMOKE" = 1 ]; then
     bench_flag=(--smoke)
     suffix=cpu-smoke
+    serve_flags=(--preset tiny --device cpu --concurrency 1 4 --requests 4 --max-tokens 8)
 else
     bench_flag=()
     suffix=gpu
+    serve_flags=(--preset mid --device cuda --dtype float16 --concurrency 1 4 16 64)
     step install 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 step env 30 "$PY" -c "
@@ -58,6 +62,7 @@ step tests 200 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml
     tests/test_kernels.py tests/test_kernels_model.py tests/test_engine.py
 step kernels 120 "$PY" benchmarks/bench_kernels.py "${bench_flag[@]}" --out "$OUT/kernels-$suffix.json"
 step e2e 240 "$PY" benchmarks/bench_gpu_e2e.py "${bench_flag[@]}" --out "$OUT/e2e-$suffix.json"
+step serve 150 "$PY" benchmarks/bench_serve.py "${serve_flags[@]}" --out "$OUT/serve-$suffix.json"
 
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 exit $status
