@@ -24,6 +24,29 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+class OneDNNLinear(torch.nn.Module):
+    """An inference-only nn.Linear whose weight is prepacked for oneDNN (CPU, fp32). MKL's sgemm,
+    which plain nn.Linear uses, took 2-2.5x longer for the decode and prefill shapes on the
+    project's AMD EPYC machine (0.44 vs 0.18 ms for 16 x 768 -> 2048)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.packed = linear.weight.detach().to_mkldnn()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def use_onednn_linears(model: torch.nn.Module) -> None:
+    """Swap every nn.Linear of an inference model for a OneDNNLinear, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, OneDNNLinear(child))
+
+
 class TorchEngine:
     backend = "torch"
 
@@ -72,10 +95,19 @@ class TorchEngine:
             self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda")
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", **kwargs) -> "TorchEngine":
+    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", onednn: bool | None = None,
+             **kwargs) -> "TorchEngine":
+        """onednn: fp32 CPU linears through oneDNN (OneDNNLinear); None = on where it applies (not with
+        the Triton kernels, which read the weights themselves)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-        return cls(load_model(model_dir, device=device, dtype=parse_dtype(dtype)), **kwargs)
+        model = load_model(model_dir, device=device, dtype=parse_dtype(dtype))
+        if onednn is None:
+            onednn = (device == "cpu" and dtype in ("float32", "fp32") and not kwargs.get("use_kernels")
+                      and torch.backends.mkldnn.is_available())
+        if onednn:  # the engine owns this model, so swapping its layers in place is safe
+            use_onednn_linears(model)
+        return cls(model, **kwargs)
 
     @property
     def num_free_blocks(self) -> int:

@@ -44,6 +44,27 @@ def test_batched_equals_alone(ckpt):
     assert engine.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_onednn_linears_match_plain_linears(ckpt):
+    """The CPU fp32 engine's oneDNN linears (the default where available) give the plain
+    nn.Linear engine's logits: prefill of every request, then two decode steps of all."""
+    from llava_rt.runtime.torch_engine import OneDNNLinear, TorchEngine
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    fast, plain = TorchEngine.load(ckpt, block_size=4), TorchEngine.load(ckpt, block_size=4, onednn=False)
+    assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
+    for engine in (fast, plain):
+        engine.out = []
+        for i, req in enumerate(requests_for(engine)):
+            engine.out.append(engine.prefill([SequenceInput(i, req.prompt_ids, req.image_embeds)]))
+        for step in range(2):
+            engine.out.append(engine.decode(list(range(5)), [7 + step] * 5))
+    for a, b in zip(fast.out, plain.out):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+        assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
 def test_prefill_in_chunks_equals_whole(ckpt):
     engine = load_engine(ckpt, block_size=4)
     req = requests_for(engine)[1]  # text-only
