@@ -45,14 +45,19 @@ def test_batched_equals_alone(ckpt):
 
 
 def test_onednn_linears_match_plain_linears(ckpt):
-    """The CPU fp32 engine's oneDNN linears (the default where available) give the plain
-    nn.Linear engine's logits: prefill of every request, then two decode steps of all."""
-    from llava_rt.runtime.torch_engine import OneDNNLinear, TorchEngine
+    """The CPU fp32 engine's oneDNN linears (the default where available, for layers from 768 x 768)
+    give the plain nn.Linear engine's logits: prefill of every request, then two decode steps."""
+    from llava_rt.runtime.torch_engine import OneDNNLinear, TorchEngine, use_onednn_linears
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
-    fast, plain = TorchEngine.load(ckpt, block_size=4), TorchEngine.load(ckpt, block_size=4, onednn=False)
-    assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
+    mixed = torch.nn.Sequential(torch.nn.Linear(768, 768), torch.nn.Linear(16, 16))
+    use_onednn_linears(mixed)
+    assert [type(m) for m in mixed] == [OneDNNLinear, torch.nn.Linear]  # small layers stay on MKL
+    model = load_model(ckpt)
+    use_onednn_linears(model, min_weights=0)  # every layer of the tiny model
+    fast, plain = TorchEngine(model, block_size=4), TorchEngine.load(ckpt, block_size=4)
+    assert sum(isinstance(m, OneDNNLinear) for m in fast.model.modules()) > 10
     assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
     for engine in (fast, plain):
         engine.out = []
