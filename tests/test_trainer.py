@@ -281,6 +281,15 @@ def test_default_model_matches_transformers(tmp_path):
     _transformers_greedy_matches(DEFAULT_MODEL, data, n=6)
 
 
+def test_default_model_ships_a_matching_onnx_export():
+    """The README's main command runs the shipped model on onnxruntime without torch: its export
+    must be there and match the checkpoint (a retrain without `llava-export` fails here)."""
+    from llava_rt.runtime.manifest import read_manifest
+
+    manifest = read_manifest(DEFAULT_MODEL / "onnx", source_dir=DEFAULT_MODEL)
+    assert manifest["verification"]["ok"]
+
+
 def test_default_model_is_small_enough():
     assert (DEFAULT_MODEL / "model.safetensors").is_file(), "models/llava-rt-default is missing; it ships with the repo"
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file() and p.parent == DEFAULT_MODEL)

@@ -200,6 +200,11 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
             shutil.rmtree(ship_to)
         shutil.copytree(final, ship_to)
         (ship_to / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
+        # Its verified ONNX export beside it, so llava-infer answers with it without torch.
+        from llava_rt.export.cli import main as export_main
+
+        if export_main([str(ship_to), "--quiet"]) != 0:
+            raise RuntimeError(f"the ONNX export of {ship_to} failed; see above")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
