@@ -152,8 +152,9 @@ def train(
     resume_from: Path | None = None,
     lengths: np.ndarray | None = None,
 ) -> dict:
-    """Train `params` of `model` (parameters, or AdamW param groups where one needs its own lr). loss_fn(model, indices) -> (summed loss, count) over those examples;
-    count_fn(indices) -> the same count without a forward, used to normalise the global batch.
+    """Train `params` of `model` (parameters, or AdamW param groups where one needs its own lr).
+    loss_fn(model, indices) -> (summed loss, count) over those examples; count_fn(indices) -> the
+    same count without a forward, used to normalise the global batch.
     Returns the summary (final loss, steps, seconds). Writes out_dir/checkpoint-last/ and metrics."""
     d = dist_info or DistInfo()
     out = Path(cfg.out_dir)

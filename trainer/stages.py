@@ -215,7 +215,9 @@ def run_stage(
     vision = list(model.vision_tower.parameters()) if sc.tune_vision else []
     for p in trainable + vision:
         p.requires_grad_(True)
-    groups = [{"params": trainable}] + ([{"params": vision, "lr": sc.lr if sc.vision_lr is None else sc.vision_lr}] if vision else [])
+    groups = [{"params": trainable}]
+    if vision:
+        groups.append({"params": vision, "lr": sc.lr if sc.vision_lr is None else sc.vision_lr})
     model.language_model.gradient_checkpointing = sc.gradient_checkpointing
 
     def loss_fn(m, idx):
