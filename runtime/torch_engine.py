@@ -33,7 +33,6 @@ class OneDNNLinear(torch.nn.Module):
         super().__init__()
         self.packed = linear.weight.detach().to_mkldnn()
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
