@@ -114,6 +114,38 @@ def test_stage2_labels_are_exactly_the_answers(smoke):
         assert all(lab == IGNORE_INDEX for tok, lab in zip(ex.input_ids, ex.labels) if tok == cfg["image_token_index"])
 
 
+def test_unmasked_right_padded_loss_is_exact_and_bf16_is_close(smoke):
+    """The trainer drops the attention mask (causal is exact under right padding) and trains in
+    bf16 autocast where the CPU has native bf16; both must give the masked fp32 loss."""
+    import torch.nn.functional as F
+
+    from llava_rt.trainer.data import collate
+    from llava_rt.trainer.loop import autocast_for
+    from llava_rt.trainer.stages import StageData
+
+    src, data_dir = smoke / "stage1" / "final", smoke / "data"
+    model = load_model(src).eval()
+    data = StageData.load(model, src, data_dir / "instruct.json", data_dir, 2, limit=16)
+    idx = list(range(16))
+    batch = [data.examples[i] for i in idx]
+    arrays = {k: torch.from_numpy(v) for k, v in collate(batch, data.pad_id).items()}
+    assert arrays["attention_mask"].min() == 0  # the batch really is padded
+    images = data.images[[data.slot[e.image] for e in batch]]
+    with torch.no_grad():
+        logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=images)
+        masked = F.cross_entropy(logits[:, :-1].flatten(0, 1), arrays["labels"][:, 1:].flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        torch.testing.assert_close(data.loss(model, idx), masked, rtol=1e-5, atol=0)
+        with autocast_for("bf16", torch.device("cpu")):
+            bf16 = data.loss(model, idx)
+        with autocast_for("fp32", torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - masked.item()) / masked.item() < 2e-2
+    assert bf16.item() != masked.item()  # it really ran in bf16
+    with pytest.raises(ValueError, match="choose auto, bf16 or fp32"):
+        autocast_for("fp16", torch.device("cpu"))
+
+
 def test_tune_vision_trains_the_tower_and_the_default_keeps_it_frozen(smoke, tmp_path):
     from llava_rt.trainer.stages import StageConfig, StageData, run_stage
 

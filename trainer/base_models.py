@@ -130,6 +130,7 @@ class ClipRecipe:
     weight_decay: float = 0.1
     region_weight: float = 0.0  # the object-phrase loss (ContrastiveCLIP); needs `regions` in train_clip
     feature_layer: int | list[int] = -2  # the projector's layer(s); the region loss pools the last one
+    precision: str = "auto"
 
 
 @dataclass
@@ -170,7 +171,7 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
 
     cfg = TrainConfig(out_dir=str(out_dir / "clip-run"), lr=recipe.lr, batch_size=recipe.batch_size,
                       micro_batch_size=recipe.batch_size, epochs=recipe.epochs, weight_decay=recipe.weight_decay,
-                      seed=seed, desc="base CLIP (contrastive)")
+                      seed=seed, precision=recipe.precision, desc="base CLIP (contrastive)")
     summary = train(model, list(model.parameters()), len(captions), loss_fn, lambda idx: 1, cfg,
                     save_model=lambda m, p: save_vision_tower(m.vision, recipe.vision, p, image_config))
     save_vision_tower(model.vision, recipe.vision, out_dir / "clip", image_config)
@@ -186,9 +187,10 @@ class CausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits for right-padded ids: causal attention is exact for every real token without a mask."""
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        return self.lm_head(self.model(self.model.embed_tokens(ids), pos, attention_mask=mask))
+        return self.lm_head(self.model(self.model.embed_tokens(ids), pos))
 
 
 def save_llm(lm: CausalLM, cfg: TextConfig, out_dir: Path) -> None:
@@ -223,6 +225,7 @@ class LMRecipe:
     lr: float = 2e-3
     batch_size: int = 64
     epochs: float = 1.0
+    precision: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -236,12 +239,13 @@ def train_llm(sequences: list[list[int]], recipe: LMRecipe, out_dir: Path, pad_i
         width = int(lengths[idx].max())
         x = torch.from_numpy(ids[idx, :width])
         mask = (torch.arange(width)[None] < torch.from_numpy(lengths[idx])[:, None]).long()
-        logits = m(x, mask)
+        logits = m(x)
         labels = x.masked_fill(mask == 0, -100)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"), 0
 
     cfg = TrainConfig(out_dir=str(out_dir / "llm-run"), lr=recipe.lr, batch_size=recipe.batch_size,
-                      micro_batch_size=recipe.batch_size, epochs=recipe.epochs, seed=seed, desc="base LLM (causal LM)")
+                      micro_batch_size=recipe.batch_size, epochs=recipe.epochs, seed=seed,
+                      precision=recipe.precision, desc="base LLM (causal LM)")
     summary = train(model, list(model.parameters()), len(sequences), loss_fn, lambda idx: int((lengths[idx] - 1).sum()),
                     cfg, save_model=lambda m, p: save_llm(m, recipe.text, p))
     save_llm(model, recipe.text, out_dir / "llm")

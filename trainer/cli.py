@@ -42,7 +42,14 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
                    help="train the vision tower too (LLaVA-NeXT style; the paper keeps it frozen)")
     p.add_argument("--vision-lr", type=float, default=None, help="the tower's lr with --tune-vision (default: --lr)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    _precision_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
+
+
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast (fp32 master weights) or fp32; auto: bf16 on CUDA and on CPUs with "
+                        "native bf16 (AVX512-BF16, AMX), fp32 elsewhere")
 
 
 def parse(argv):
@@ -56,6 +63,7 @@ def parse(argv):
     r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
+    _precision_arg(r)
     r.add_argument("--reuse", type=Path, help="ablation: take data, base models (and a matching stage 1) from this run")
     d = sub.add_parser("data", help="render the synthetic world and write LLaVA-format data")
     d.add_argument("out", type=Path)
@@ -96,7 +104,7 @@ def run(args) -> int:
     if args.cmd == "recipe":
         from .recipe import preset, run_recipe
 
-        overrides = {}
+        overrides = {"precision": args.precision}
         if args.feature_layer is not None:
             overrides["feature_layer"] = args.feature_layer
         if args.skip_stage1:
@@ -129,7 +137,7 @@ def run(args) -> int:
                          micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_len=args.max_len,
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
-                         tune_vision=args.tune_vision, vision_lr=args.vision_lr)
+                         tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

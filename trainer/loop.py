@@ -4,7 +4,8 @@
   process: every step sees the same global batch, and the loss is the sum over its tokens
   divided by the global token count, so 2 processes give the 1-process loss up to rounding;
 - gradient accumulation (micro-batches) and optional gradient checkpointing;
-- bf16 autocast on CUDA;
+- bf16 autocast on CUDA, and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX: 2-3x faster
+  than fp32 there; elsewhere bf16 is emulated and slower, so "auto" keeps fp32);
 - AdamW without weight decay, linear warm-up then cosine decay (the paper's recipe);
 - resume: a checkpoint holds the model, optimizer, scheduler, step (which fixes the data
   position: each epoch's order is a permutation seeded by seed + epoch) and RNG states, and an
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = 10
     gradient_checkpointing: bool = False
     stop_after: int = 0  # stop (resumably) after this many steps of this run; 0 = run to the end
+    precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast (fp32 master weights) or none
     desc: str = "training"
 
 
@@ -77,6 +79,24 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return DistInfo(rank, world, device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The bf16 autocast context `precision` asks for on `device` ("auto": CUDA, or a CPU with native bf16)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision {precision!r}: choose auto, bf16 or fp32")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -183,7 +203,7 @@ def train(
     metrics_path = out / "metrics.jsonl"
     if start == 0 and d.main:
         metrics_path.write_text("")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    autocast = autocast_for(cfg.precision, d.device)
     bar = tqdm(total=total, initial=start, desc=cfg.desc, disable=not d.main, dynamic_ncols=True)
     t0, loss_value, step = time.time(), float("nan"), start
     end = total if not cfg.stop_after else min(total, start + cfg.stop_after)

@@ -55,6 +55,7 @@ class Recipe:
     projector_type: str = "mlp2x_gelu"
     feature_layer: int | list[int] = -2
     seed: int = 0
+    precision: str = "auto"  # every training step: bf16 autocast where the hardware has it (trainer/loop.py)
     notes: dict = field(default_factory=dict)
 
 
@@ -122,7 +123,8 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=512)
     clip_recipe = ClipRecipe(r.vision, clip_text, epochs=r.clip_epochs, batch_size=r.clip_batch, lr=r.clip_lr,
-                             region_weight=r.clip_region_weight, feature_layer=r.feature_layer)
+                             region_weight=r.clip_region_weight, feature_layer=r.feature_layer,
+                             precision=r.precision)
     clip = train_clip(pixels, captions, clip_recipe, image_config, base_dir, seed=r.seed, regions=regions)
     timings["clip_s"] = time.time() - t
     log(f"CLIP: final contrastive loss {clip['final_loss']:.3f} after {clip['steps']} steps")
@@ -130,7 +132,8 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     t = time.time()
     sequences = [[ids.bos_token_id] + text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
                  for s in corpus_text(data_dir)]
-    lm = train_llm(sequences, LMRecipe(r.text, epochs=r.lm_epochs), base_dir, pad_id=ids.pad_token_id, seed=r.seed)
+    lm = train_llm(sequences, LMRecipe(r.text, epochs=r.lm_epochs, precision=r.precision), base_dir,
+                   pad_id=ids.pad_token_id, seed=r.seed)
     timings["llm_s"] = time.time() - t
     log(f"LLM: final loss {lm['final_loss']:.3f} after {lm['steps']} steps")
     return {"timings": timings, "clip_final_loss": clip["final_loss"], "llm_final_loss": lm["final_loss"]}
@@ -146,6 +149,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     r = preset(name)
     for key, value in overrides.items():
         setattr(r, key, value)
+    r.stage1.precision = r.stage2.precision = r.precision
     out = Path(out)
     report: dict = {"recipe": name, "config": asdict(r), "timings": {}}
     t0 = time.time()

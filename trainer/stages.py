@@ -135,11 +135,12 @@ class StageData:
         arrays = {k: torch.from_numpy(v).to(device) for k, v in collate(batch, self.pad_id).items()}
         with_image = [self.slot[e.image] for e in batch if e.image]
         images = self.images[with_image] if with_image else None
+        # No attention mask: collate pads on the right, so causal attention alone is exact for every
+        # labelled token (padding only ever attends, unlabelled), and it takes the faster unmasked kernel.
         if self.pixels:
-            logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"],
-                           pixel_values=None if images is None else images.float())
+            logits = model(arrays["input_ids"], pixel_values=None if images is None else images.float())
         else:
-            logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"], vision_features=images)
+            logits = model(arrays["input_ids"], vision_features=images)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -174,6 +175,7 @@ class StageConfig:
     tune_vision: bool = False  # train the vision tower too (not the paper's setting; see the module doc)
     vision_lr: float | None = None  # the tower's lr when tuned (None: lr); LLaVA-NeXT uses lr / 5
     stop_after: int = 0
+    precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer/loop.py)
 
 
 def run_stage(
@@ -229,6 +231,7 @@ def run_stage(
     cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
+                      precision=sc.precision,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
