@@ -57,8 +57,9 @@ class ContrastiveCLIP(nn.Module):
         self.feature_layer, self.region_weight = feature_layer, region_weight
 
     def embed_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Right-padded and read at the last real token: causal attention is exact there without a mask.
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        hidden = self.text(self.text.embed_tokens(ids), pos, attention_mask=(pos < lengths[:, None]).long())
+        hidden = self.text(self.text.embed_tokens(ids), pos)
         return F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
