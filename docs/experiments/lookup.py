@@ -12,7 +12,7 @@ their scene), on the frozen tower's features of a recipe run's images. Two learn
 Scenes [0, 10000) train, the first 1,000 questions of scenes [10000, 12000) score. Example:
 
     python docs/experiments/lookup.py --run runs/default --model runs/default/stage1/final \\
-        --learner decoder --batch 128 --steps 500 --reinit
+        --learner decoder --batch 128 --steps 500 --reinit [--save runs/lookup-first]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_rt.checkpoint import load_model
+from llava_rt.checkpoint import load_model, save_checkpoint
 from llava_rt.image_processor import ImageProcessorConfig, load_image, preprocess
 from llava_rt.tokenizer import TextProcessor
 from llava_rt.trainer.data import Example, collate, load_scenes, tokenize_v1
@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--reinit", action="store_true", help="decoder: re-initialise the LLM's linear layers, N(0, 0.02)")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--save", type=Path, help="decoder: write the trained checkpoint here (a stage-2 starting point)")
     a = p.parse_args()
     torch.manual_seed(0)
     model_dir = a.model or a.run / "stage1" / "final"
@@ -141,6 +142,8 @@ def main() -> None:
             learner.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  held-out exact {hits / len(scored):.3f}  ({time.time() - t0:.0f} s)",
                   flush=True)
+    if a.save and a.learner == "decoder":
+        save_checkpoint(learner, a.save, copy_from=model_dir)
 
 
 if __name__ == "__main__":
