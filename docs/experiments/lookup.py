@@ -96,7 +96,7 @@ def main() -> None:
     if a.learner == "probe":
         learner = Probe(feats.shape[-1], feats.shape[1])
 
-        def loss_and_hits(batch, score=False):
+        def loss_and_hits(batch):
             b = torch.tensor(batch)
             logits = learner(feats[b[:, 0]], b[:, 1])
             return F.cross_entropy(logits, b[:, 2]), (logits.argmax(1) == b[:, 2]).sum().item()
@@ -117,7 +117,7 @@ def main() -> None:
                      {"from": "gpt", "value": f"The {color} object is a {shape}."}]
             tokenized[r] = Example(str(r[0]), None, *tokenize_v1(text, turns, str(r[0])))
 
-        def loss_and_hits(batch, score=False):
+        def loss_and_hits(batch):
             arrays = {k: torch.from_numpy(v) for k, v in collate([tokenized[r] for r in batch], 0).items()}
             with torch.autocast("cpu", torch.bfloat16):
                 logits = learner(arrays["input_ids"], vision_features=feats[[r[0] for r in batch]])
