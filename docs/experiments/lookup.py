@@ -27,22 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_rt.checkpoint import load_model, save_checkpoint
-from llava_rt.image_processor import ImageProcessorConfig, load_image, preprocess
+from llava_rt.image_processor import ImageProcessorConfig
 from llava_rt.tokenizer import TextProcessor
 from llava_rt.trainer.data import Example, collate, load_scenes, tokenize_v1
+from llava_rt.trainer.stages import image_features
 from llava_rt.trainer.world import COLORS, SHAPES
 
 N_TRAIN_SCENES, N_SCENES, N_SCORED = 10000, 12000, 1000
-
-
-def tower_features(model, run: Path, scenes) -> torch.Tensor:
-    config = ImageProcessorConfig.load(run / "stage1" / "final")
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(scenes), 500):
-            imgs = [load_image(run / "data" / "images" / f"{sid}.png") for sid, _ in scenes[i : i + 500]]
-            out.append(model.vision_features(torch.from_numpy(preprocess(imgs, config))))
-    return torch.cat(out)
 
 
 def questions(scenes) -> list[tuple[int, int, int]]:
@@ -88,7 +79,8 @@ def main() -> None:
     model_dir = a.model or a.run / "stage1" / "final"
     model = load_model(model_dir)
     scenes = list(load_scenes(a.run / "data").items())[:N_SCENES]
-    feats = tower_features(model.eval(), a.run, scenes)
+    feats = image_features(model, a.run / "data", [f"images/{sid}.png" for sid, _ in scenes],
+                           ImageProcessorConfig.load(model_dir))
     rows = questions(scenes)
     train = [r for r in rows if r[0] < N_TRAIN_SCENES]
     scored = [r for r in rows if r[0] >= N_TRAIN_SCENES][:N_SCORED]
