@@ -186,19 +186,23 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
+def box_in_tower_input(scene: Scene, obj: SceneObject, image_size: int) -> tuple[float, float, float, float]:
+    """obj's box in the tower's input pixels: after LLaVA-1.5's pad-to-square (centred) and resize."""
+    n = max(scene.width, scene.height)
+    left, top, scale = (n - scene.width) // 2, (n - scene.height) // 2, image_size / n
+    x0, y0, x1, y1 = obj.box
+    return (x0 + left) * scale, (y0 + top) * scale, (x1 + left) * scale, (y1 + top) * scale
+
+
 def patch_coverage(scene: Scene, image_size: int, patch_size: int, max_objects: int = MAX_OBJECTS) -> np.ndarray:
     """[max_objects, grid * grid]: the share of each object's bounding box that falls in each patch of
     the tower's input, after LLaVA-1.5's pad-to-square (centred) and resize to image_size. Rows of
     absent objects are zero. The base CLIP pools patch features with it (trainer/base_models.py)."""
-    n = max(scene.width, scene.height)
-    left, top = (n - scene.width) // 2, (n - scene.height) // 2
-    scale, grid = image_size / n, image_size // patch_size
+    grid = image_size // patch_size
     edges = np.arange(grid + 1) * patch_size
     out = np.zeros((max_objects, grid * grid), dtype=np.float32)
     for k, obj in enumerate(scene.objects[:max_objects]):
-        x0, y0, x1, y1 = obj.box
-        x0, x1 = (x0 + left) * scale, (x1 + left) * scale
-        y0, y1 = (y0 + top) * scale, (y1 + top) * scale
+        x0, y0, x1, y1 = box_in_tower_input(scene, obj, image_size)
         cover_x = np.clip(np.minimum(x1, edges[1:]) - np.maximum(x0, edges[:-1]), 0, None)
         cover_y = np.clip(np.minimum(y1, edges[1:]) - np.maximum(y0, edges[:-1]), 0, None)
         area = np.outer(cover_y, cover_x).reshape(-1)

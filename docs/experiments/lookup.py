@@ -1,47 +1,123 @@
-"""The content-lookup experiment of docs/REPRODUCTION.md ("The lookup, isolated").
+"""The content-lookup experiments of docs/REPRODUCTION.md ("The lookup, isolated").
 
-One question form alone, "What shape is the COLOR object?" (objects whose colour is unique in
-their scene), on the frozen tower's features of a recipe run's images. Two learners:
+Single-turn questions on a recipe run's scenes, scenes [0, 10000) to train on, held-out questions
+from scenes [10000, 12000) to score (exact match of the whole answer, teacher-forced).
 
+  --forms shape-of      "What shape is the COLOR object?" alone (objects whose colour is unique in
+                        their scene); the first 1,000 held-out questions are scored.
+  --forms conversation  one question of every conversation form per scene (trainer/instructions.py),
+                        the image first or last at random like the data set; 1,500 scored, by form.
+
+What the decoder sees of the scene (--scene):
+  tower         the frozen tower's layer -2 features of the rendered image (the real task);
+  oracle-patch  perfect features instead: each patch holds the colour, shape and size one-hots of
+                the objects over it, weighted by the share of the patch they cover;
+  oracle-centre perfect object tokens: each object's one-hots only in the patch under its centre;
+  text          no image: the scene's detailed description written before the question (what
+                the paper's text-only teacher saw).
+
+Two learners:
   --learner probe    a small transformer (2 layers, 128 wide, causal, the colour as a query token
-                     after the 36 patch features, 3 filler tokens before the answer): what the
-                     features allow;
+                     after the 36 patch features, 3 filler tokens before the answer), shape-of on
+                     tower features only: what the features allow;
   --learner decoder  the LLaVA checkpoint given by --model (its projector + LLM trained, the v1
-                     template, exact match of the whole answer): what our decoder learns.
+                     template): what our decoder learns. --reinit re-initialises the LLM (and, with
+                     an oracle scene, the projector, whose input is then new).
 
-Scenes [0, 10000) train, the first 1,000 questions of scenes [10000, 12000) score. Example:
+Example:
 
-    python docs/experiments/lookup.py --run runs/default --model runs/default/stage1/final \\
-        --learner decoder --batch 128 --steps 500 --reinit [--save runs/lookup-first]
+    python docs/experiments/lookup.py --run runs/default --learner decoder --batch 128 --steps 500 --reinit \\
+        [--forms conversation --scene oracle-centre --warmup 30] [--save runs/lookup-first]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llava_rt.checkpoint import load_model, save_checkpoint
 from llava_rt.image_processor import ImageProcessorConfig
+from llava_rt.model import LlavaForConditionalGeneration, init_weights
 from llava_rt.tokenizer import TextProcessor
 from llava_rt.trainer.data import Example, collate, load_scenes, tokenize_v1
+from llava_rt.trainer.instructions import CONVERSATION, detailed_description
 from llava_rt.trainer.stages import image_features
-from llava_rt.trainer.world import COLORS, SHAPES
+from llava_rt.trainer.world import COLORS, SHAPES, SIZES, box_in_tower_input, patch_coverage
 
-N_TRAIN_SCENES, N_SCENES, N_SCORED = 10000, 12000, 1000
+N_TRAIN_SCENES, N_SCENES = 10000, 12000
 
 
-def questions(scenes) -> list[tuple[int, int, int]]:
-    """(scene index, colour index, shape index) for every object whose colour is unique in its scene."""
+@dataclass(frozen=True)
+class Question:
+    scene: int
+    question: str
+    answer: str
+    form: str
+    image_first: bool = True
+    color: int = -1  # shape-of: the colour and shape indices the probe uses
+    shape: int = -1
+
+
+def shape_of_questions(scenes) -> list[Question]:
+    """"What shape is the COLOR object?" for every object whose colour is unique in its scene."""
     colors = list(COLORS)
-    return [(i, colors.index(o.color), SHAPES.index(o.shape))
+    return [Question(i, f"What shape is the {o.color} object?", f"The {o.color} object is a {o.shape}.", "q_shape_of",
+                     True, colors.index(o.color), SHAPES.index(o.shape))
             for i, (_, s) in enumerate(scenes) for o in s.objects
             if sum(p.color == o.color for p in s.objects) == 1]
+
+
+def conversation_questions(scenes) -> list[Question]:
+    """One question of every conversation form per scene (where the form has a definite answer)."""
+    rng = random.Random(1)
+    out = []
+    for i, (_, s) in enumerate(scenes):
+        for form in CONVERSATION:
+            qa = form(s, rng)
+            if qa:
+                out.append(Question(i, qa[0], qa[1], form.__name__, rng.random() < 0.5))
+    return out
+
+
+def oracle_features(scene, image_size: int, patch_size: int, dim: int, centre: bool) -> torch.Tensor:
+    """[patches, dim]: per patch, the colour / shape / size one-hots of the objects over it (zeros after)."""
+    coverage = patch_coverage(scene, image_size, patch_size)  # each object's share of its box per patch
+    grid = image_size // patch_size
+    out = np.zeros((grid * grid, dim), dtype=np.float32)
+    for k, o in enumerate(scene.objects):
+        code = np.zeros(len(COLORS) + len(SHAPES) + len(SIZES) + 1, dtype=np.float32)
+        code[[list(COLORS).index(o.color), len(COLORS) + SHAPES.index(o.shape),
+              len(COLORS) + len(SHAPES) + SIZES.index(o.size), -1]] = 1
+        x0, y0, x1, y1 = box_in_tower_input(scene, o, image_size)
+        if centre:  # only the patch under the box's centre
+            col, row = (min(int((a + b) / 2 // patch_size), grid - 1) for a, b in ((x0, x1), (y0, y1)))
+            out[row * grid + col, : len(code)] += code
+        else:  # weighted by the share of each patch the object covers
+            out[:, : len(code)] += (coverage[k] * (x1 - x0) * (y1 - y0) / patch_size**2)[:, None] * code
+    return torch.from_numpy(out)
+
+
+def fresh_llm(model: LlavaForConditionalGeneration, layers: int, width: int) -> LlavaForConditionalGeneration:
+    """The same checkpoint with a randomly initialised projector and LLM of another shape."""
+    config = copy.deepcopy(model.config)
+    heads = width // 32
+    config.text_config = replace(config.text_config, num_hidden_layers=layers, hidden_size=width,
+                                 intermediate_size=int(width * 2.6875), num_attention_heads=heads,
+                                 num_key_value_heads=max(1, heads // 2), head_dim=32)
+    fresh = LlavaForConditionalGeneration(config)
+    init_weights(fresh)
+    fresh.vision_tower.load_state_dict(model.vision_tower.state_dict())
+    return fresh
 
 
 class Probe(nn.Module):
@@ -68,72 +144,106 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True, help="a finished `llava-train recipe` run (data/, stage1/)")
     p.add_argument("--model", type=Path, help="LLaVA checkpoint for --learner decoder (default: RUN/stage1/final)")
     p.add_argument("--learner", choices=["probe", "decoder"], required=True)
+    p.add_argument("--forms", choices=["shape-of", "conversation"], default="shape-of")
+    p.add_argument("--scene", choices=["tower", "oracle-patch", "oracle-centre", "text"], default="tower")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then a constant lr")
     p.add_argument("--reinit", action="store_true", help="decoder: re-initialise the LLM's linear layers, N(0, 0.02)")
+    p.add_argument("--llm", help="decoder: a fresh LLM of another shape instead, LAYERSxWIDTH (e.g. 8x192; "
+                   "32-wide heads, GQA 2:1, MLP 2.6875x), with a fresh projector")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save", type=Path, help="decoder: write the trained checkpoint here (a stage-2 starting point)")
     a = p.parse_args()
+    if a.learner == "probe" and (a.forms, a.scene) != ("shape-of", "tower"):
+        p.error("the probe answers shape-of questions from tower features only")
     torch.manual_seed(0)
     model_dir = a.model or a.run / "stage1" / "final"
     model = load_model(model_dir)
+    if a.llm:
+        model = fresh_llm(model, *map(int, a.llm.split("x")))
     scenes = list(load_scenes(a.run / "data").items())[:N_SCENES]
-    feats = image_features(model, a.run / "data", [f"images/{sid}.png" for sid, _ in scenes],
-                           ImageProcessorConfig.load(model_dir))
-    rows = questions(scenes)
-    train = [r for r in rows if r[0] < N_TRAIN_SCENES]
-    scored = [r for r in rows if r[0] >= N_TRAIN_SCENES][:N_SCORED]
+    vision = model.config.vision_config
+    if a.scene == "tower":
+        feats = image_features(model, a.run / "data", [f"images/{sid}.png" for sid, _ in scenes],
+                               ImageProcessorConfig.load(model_dir))
+    elif a.scene.startswith("oracle"):
+        feats = torch.stack([oracle_features(s, vision.image_size, vision.patch_size, vision.hidden_size,
+                                             a.scene == "oracle-centre") for _, s in scenes])
+    rows = shape_of_questions(scenes) if a.forms == "shape-of" else conversation_questions(scenes)
+    train = [r for r in rows if r.scene < N_TRAIN_SCENES]
+    scored = [r for r in rows if r.scene >= N_TRAIN_SCENES]
+    if a.forms == "conversation":
+        random.Random(2).shuffle(scored)
+    scored = scored[: 1000 if a.forms == "shape-of" else 1500]
 
     if a.learner == "probe":
         learner = Probe(feats.shape[-1], feats.shape[1])
 
-        def loss_and_hits(batch):
-            b = torch.tensor(batch)
-            logits = learner(feats[b[:, 0]], b[:, 1])
-            return F.cross_entropy(logits, b[:, 2]), (logits.argmax(1) == b[:, 2]).sum().item()
+        def hits_of(batch):
+            colors, shapes = torch.tensor([r.color for r in batch]), torch.tensor([r.shape for r in batch])
+            logits = learner(feats[[r.scene for r in batch]], colors)
+            return F.cross_entropy(logits, shapes), logits.argmax(1) == shapes
     else:
         learner = model.train()
-        if a.reinit:
-            for m in learner.language_model.modules():
+        if a.reinit and not a.llm:
+            modules = list(learner.language_model.modules())
+            if a.scene.startswith("oracle"):
+                modules += list(learner.multi_modal_projector.modules())
+            for m in modules:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         for name, param in learner.named_parameters():
             param.requires_grad_(not name.startswith("vision_tower"))
         text = TextProcessor.load(model_dir, learner.config.image_token_index, learner.config.image_seq_length)
-        colors = list(COLORS)
         tokenized = {}
-        for r in rows:
-            color, shape = colors[r[1]], SHAPES[r[2]]
-            turns = [{"from": "human", "value": f"<image>\nWhat shape is the {color} object?"},
-                     {"from": "gpt", "value": f"The {color} object is a {shape}."}]
-            tokenized[r] = Example(str(r[0]), None, *tokenize_v1(text, turns, str(r[0])))
 
-        def loss_and_hits(batch):
-            arrays = {k: torch.from_numpy(v) for k, v in collate([tokenized[r] for r in batch], 0).items()}
+        def example(r: Question) -> Example:
+            if r not in tokenized:
+                if a.scene == "text":
+                    q = f"{detailed_description(scenes[r.scene][1])}\n{r.question}"
+                else:
+                    q = f"<image>\n{r.question}" if r.image_first else f"{r.question}\n<image>"
+                turns = [{"from": "human", "value": q}, {"from": "gpt", "value": r.answer}]
+                tokenized[r] = Example(str(r.scene), None, *tokenize_v1(text, turns, str(r.scene)))
+            return tokenized[r]
+
+        def hits_of(batch):
+            arrays = {k: torch.from_numpy(v) for k, v in collate([example(r) for r in batch], 0).items()}
+            image = None if a.scene == "text" else feats[[r.scene for r in batch]]
             with torch.autocast("cpu", torch.bfloat16):
-                logits = learner(arrays["input_ids"], vision_features=feats[[r[0] for r in batch]])
+                logits = learner(arrays["input_ids"], vision_features=image)
             labels = arrays["labels"][:, 1:]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            hits = ((logits[:, :-1].argmax(-1) == labels) | (labels == -100)).all(1).sum().item()
-            return loss, hits
+            return loss, ((logits[:, :-1].argmax(-1) == labels) | (labels == -100)).all(1)
 
     params = [q for q in learner.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup) if a.warmup else 1.0)
     rng, t0 = random.Random(0), time.time()
-    print(f"{a.learner}: {len(train)} training questions, {len(scored)} scored; batch {a.batch}, lr {a.lr}")
+    print(f"{a.learner}, {a.forms}, scene {a.scene}: {len(train)} training questions, {len(scored)} scored; "
+          f"batch {a.batch}, lr {a.lr}")
     for step in range(1, a.steps + 1):
-        loss, _ = loss_and_hits(rng.sample(train, a.batch))
+        loss, _ = hits_of(rng.sample(train, a.batch))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % a.eval_every == 0:
+        warm.step()
+        if step % a.eval_every == 0 or step == a.steps:
             learner.eval()
+            by_form = defaultdict(list)
             with torch.no_grad():
-                hits = sum(loss_and_hits(scored[i : i + 100])[1] for i in range(0, len(scored), 100))
+                for i in range(0, len(scored), 100):
+                    for r, hit in zip(scored[i : i + 100], hits_of(scored[i : i + 100])[1].tolist()):
+                        by_form[r.form].append(hit)
             learner.train()
-            print(f"step {step:5d}  loss {loss.item():.3f}  held-out exact {hits / len(scored):.3f}  ({time.time() - t0:.0f} s)",
-                  flush=True)
+            every = [h for v in by_form.values() for h in v]
+            print(f"step {step:5d}  loss {loss.item():.3f}  held-out exact {sum(every) / len(every):.3f}  "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            if len(by_form) > 1:
+                for form, v in sorted(by_form.items()):
+                    print(f"    {form:16s} {sum(v) / len(v):.3f}  (n={len(v)})", flush=True)
     if a.save and a.learner == "decoder":
         save_checkpoint(learner, a.save, copy_from=model_dir)
 
