@@ -120,6 +120,27 @@ def fresh_llm(model: LlavaForConditionalGeneration, layers: int, width: int) -> 
     return fresh
 
 
+def learn_to_copy(model: LlavaForConditionalGeneration, max_steps: int, lr: float, half: int = 40) -> None:
+    """Train the LLM on <s> x x (x: `half` random tokens) with the loss on the second x, until it copies."""
+    params = [q for name, q in model.named_parameters() if not name.startswith("vision_tower")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen, cfg = torch.Generator().manual_seed(0), model.config
+    for step in range(1, max_steps + 1):
+        x = torch.randint(4, cfg.text_config.vocab_size, (64, half), generator=gen)
+        x[x == cfg.image_token_index] = 5
+        ids = torch.cat([torch.full((64, 1), cfg.text_config.bos_token_id), x, x], 1)
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(ids, vision_features=None)
+        loss = F.cross_entropy(logits[:, half + 1 : -1].flatten(0, 1).float(), ids[:, half + 2 :].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"copy step {step}: loss {loss.item():.3f}", flush=True)
+            if loss.item() < 0.05:
+                return
+
+
 class Probe(nn.Module):
     def __init__(self, feature_dim: int, n_patches: int, width: int = 128, layers: int = 2, filler: int = 3):
         super().__init__()
@@ -153,6 +174,9 @@ def main() -> None:
     p.add_argument("--reinit", action="store_true", help="decoder: re-initialise the LLM's linear layers, N(0, 0.02)")
     p.add_argument("--llm", help="decoder: a fresh LLM of another shape instead, LAYERSxWIDTH (e.g. 8x192; "
                    "32-wide heads, GQA 2:1, MLP 2.6875x), with a fresh projector")
+    p.add_argument("--copy-steps", type=int, default=0,
+                   help="with --llm: first train the LLM on random token sequences written twice (batch 64, loss on "
+                        "the second copy) for up to this many steps, stopping once it copies them (induction heads)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save", type=Path, help="decoder: write the trained checkpoint here (a stage-2 starting point)")
     a = p.parse_args()
@@ -163,6 +187,10 @@ def main() -> None:
     model = load_model(model_dir)
     if a.llm:
         model = fresh_llm(model, *map(int, a.llm.split("x")))
+        if a.copy_steps:
+            learn_to_copy(model, a.copy_steps, a.lr)
+    elif a.copy_steps:
+        p.error("--copy-steps trains a fresh LLM; give --llm too")
     scenes = list(load_scenes(a.run / "data").items())[:N_SCENES]
     vision = model.config.vision_config
     if a.scene == "tower":
