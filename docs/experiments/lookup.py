@@ -27,7 +27,7 @@ Two learners:
 Example:
 
     python docs/experiments/lookup.py --run runs/default --learner decoder --batch 128 --steps 500 --reinit \\
-        [--forms conversation --scene oracle-centre --warmup 30] [--save runs/lookup-first]
+        [--forms conversation [--only q_count_color] --scene oracle-centre --warmup 30] [--save runs/lookup-first]
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="LLaVA checkpoint for --learner decoder (default: RUN/stage1/final)")
     p.add_argument("--learner", choices=["probe", "decoder"], required=True)
     p.add_argument("--forms", choices=["shape-of", "conversation"], default="shape-of")
+    p.add_argument("--only", choices=[f.__name__ for f in CONVERSATION],
+                   help="with --forms conversation: keep this one form")
+    p.add_argument("--one-form-batches", action="store_true",
+                   help="each step's batch drawn from one form (chosen at random), not from all of them")
     p.add_argument("--scene", choices=["tower", "oracle-patch", "oracle-centre", "text"], default="tower")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
@@ -200,6 +204,8 @@ def main() -> None:
         feats = torch.stack([oracle_features(s, vision.image_size, vision.patch_size, vision.hidden_size,
                                              a.scene == "oracle-centre") for _, s in scenes])
     rows = shape_of_questions(scenes) if a.forms == "shape-of" else conversation_questions(scenes)
+    if a.only:
+        rows = [r for r in rows if r.form == a.only]
     train = [r for r in rows if r.scene < N_TRAIN_SCENES]
     scored = [r for r in rows if r.scene >= N_TRAIN_SCENES]
     if a.forms == "conversation":
@@ -250,10 +256,15 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup) if a.warmup else 1.0)
     rng, t0 = random.Random(0), time.time()
+    by_form_train = defaultdict(list)
+    for r in train:
+        by_form_train[r.form].append(r)
+    forms = sorted(by_form_train)
     print(f"{a.learner}, {a.forms}, scene {a.scene}: {len(train)} training questions, {len(scored)} scored; "
           f"batch {a.batch}, lr {a.lr}")
     for step in range(1, a.steps + 1):
-        loss, _ = hits_of(rng.sample(train, a.batch))
+        pool = by_form_train[rng.choice(forms)] if a.one_form_batches else train
+        loss, _ = hits_of(rng.sample(pool, a.batch))
         opt.zero_grad()
         loss.backward()
         opt.step()
