@@ -289,7 +289,8 @@ def test_small_kv_cache_and_local_file_limits(model_dir, server, tmp_path):
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as client:
             post = lambda body: client.post("/v1/chat/completions", json=body)  # noqa: E731
-            return await asyncio.gather(post({"messages": user("hi"), "max_tokens": 4}),  # 19 + 4 tokens: fits
+            # greedy: the server samples at temperature 1 by default, and a sampled answer may be empty
+            return await asyncio.gather(post({"messages": user("hi"), "max_tokens": 4, "temperature": 0}),  # 19 + 4: fits
                                         post(image_body("file://" + str(tmp_path / "small.png"))),  # 36 tokens
                                         post(image_body("file://" + str(tmp_path / "big.png"))),
                                         client.get("/v1/models"))
