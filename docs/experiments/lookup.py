@@ -91,7 +91,7 @@ def conversation_questions(scenes) -> list[Question]:
 
 def oracle_features(scene, image_size: int, patch_size: int, dim: int, centre: bool) -> torch.Tensor:
     """[patches, dim]: per patch, the colour / shape / size one-hots of the objects over it (zeros after)."""
-    coverage = patch_coverage(scene, image_size, patch_size)  # each object's share of its box per patch
+    coverage = None if centre else patch_coverage(scene, image_size, patch_size)  # each object's share per patch
     grid = image_size // patch_size
     out = np.zeros((grid * grid, dim), dtype=np.float32)
     for k, o in enumerate(scene.objects):
@@ -186,6 +186,10 @@ def main() -> None:
     a = p.parse_args()
     if a.learner == "probe" and (a.forms, a.scene) != ("shape-of", "tower"):
         p.error("the probe answers shape-of questions from tower features only")
+    if a.llm and a.reinit:
+        p.error("--llm is already freshly initialised; drop --reinit")
+    if a.copy_steps and not a.llm:
+        p.error("--copy-steps trains a fresh LLM; give --llm too")
     torch.manual_seed(0)
     model_dir = a.model or a.run / "stage1" / "final"
     model = load_model(model_dir)
@@ -193,8 +197,6 @@ def main() -> None:
         model = fresh_llm(model, *map(int, a.llm.split("x")))
         if a.copy_steps:
             learn_to_copy(model, a.copy_steps, a.lr)
-    elif a.copy_steps:
-        p.error("--copy-steps trains a fresh LLM; give --llm too")
     scenes = list(load_scenes(a.run / "data").items())[:N_SCENES]
     vision = model.config.vision_config
     if a.scene == "tower":
@@ -221,7 +223,7 @@ def main() -> None:
             return F.cross_entropy(logits, shapes), logits.argmax(1) == shapes
     else:
         learner = model.train()
-        if a.reinit and not a.llm:
+        if a.reinit:
             modules = list(learner.language_model.modules())
             if a.scene.startswith("oracle"):
                 modules += list(learner.multi_modal_projector.modules())
