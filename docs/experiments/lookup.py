@@ -27,7 +27,8 @@ Two learners:
 Example:
 
     python docs/experiments/lookup.py --run runs/default --learner decoder --batch 128 --steps 500 --reinit \\
-        [--forms conversation [--only q_count_color] --scene oracle-centre --warmup 30] [--save runs/lookup-first]
+        [--forms conversation [--only q_count_color,q_count_shape] --scene oracle-centre --warmup 30] \
+        [--save runs/lookup-first]
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="LLaVA checkpoint for --learner decoder (default: RUN/stage1/final)")
     p.add_argument("--learner", choices=["probe", "decoder"], required=True)
     p.add_argument("--forms", choices=["shape-of", "conversation"], default="shape-of")
-    p.add_argument("--only", choices=[f.__name__ for f in CONVERSATION],
-                   help="with --forms conversation: keep this one form")
+    p.add_argument("--only", help="with --forms conversation: keep these forms (comma-separated, e.g. "
+                   "q_count_color,q_count_shape)")
     p.add_argument("--one-form-batches", action="store_true",
                    help="each step's batch drawn from one form (chosen at random), not from all of them")
     p.add_argument("--scene", choices=["tower", "oracle-patch", "oracle-centre", "text"], default="tower")
@@ -190,6 +191,10 @@ def main() -> None:
         p.error("--llm is already freshly initialised; drop --reinit")
     if a.copy_steps and not a.llm:
         p.error("--copy-steps trains a fresh LLM; give --llm too")
+    only = a.only.split(",") if a.only else []
+    if unknown := [f for f in only if f not in {f.__name__ for f in CONVERSATION}]:
+        p.error(f"--only: unknown form(s) {', '.join(unknown)}; the forms are "
+                f"{', '.join(f.__name__ for f in CONVERSATION)}")
     torch.manual_seed(0)
     model_dir = a.model or a.run / "stage1" / "final"
     model = load_model(model_dir)
@@ -206,8 +211,8 @@ def main() -> None:
         feats = torch.stack([oracle_features(s, vision.image_size, vision.patch_size, vision.hidden_size,
                                              a.scene == "oracle-centre") for _, s in scenes])
     rows = shape_of_questions(scenes) if a.forms == "shape-of" else conversation_questions(scenes)
-    if a.only:
-        rows = [r for r in rows if r.form == a.only]
+    if only:
+        rows = [r for r in rows if r.form in only]
     train = [r for r in rows if r.scene < N_TRAIN_SCENES]
     scored = [r for r in rows if r.scene >= N_TRAIN_SCENES]
     if a.forms == "conversation":
