@@ -27,7 +27,7 @@ Two learners:
 Example:
 
     python docs/experiments/lookup.py --run runs/default --learner decoder --batch 128 --steps 500 --reinit \\
-        [--forms conversation [--only q_count_color,q_count_shape] --scene oracle-centre --warmup 30] \
+        [--forms conversation [--only q_count_color,q_count_shape] --scene oracle-centre --warmup 30] \\
         [--save runs/lookup-first]
 """
 
