@@ -430,3 +430,42 @@ def test_patch_coverage_finds_the_rendered_objects():
             inside = per_patch[coverage[k] > 0].sum() / per_patch.sum()
             assert inside == 1.0, (width, height, obj.color, inside)
             assert per_patch[coverage[k].argmax()] > 0
+
+
+def test_patch_region_loss_matches_a_loop_over_patches():
+    """The per-patch region loss of the base CLIP: for every present object, each patch's
+    cross-entropy against the object's phrase, weighted by the share of the object's box in that
+    patch, averaged over objects. Checked against a plain loop over images, objects and patches."""
+    import torch.nn.functional as F
+
+    from llava_rt.config import TextConfig, VisionConfig
+    from llava_rt.trainer.base_models import ContrastiveCLIP
+
+    torch.manual_seed(0)
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8, projection_dim=16)
+    text = TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = ContrastiveCLIP(vision, text, embed_dim=16, feature_layer=-2, patch_weight=1.0).eval()
+    pixels, ids, lengths = torch.randn(3, 3, 32, 32), torch.randint(4, 40, (3, 7)), torch.tensor([7, 5, 6])
+    coverage = torch.rand(3, 4, 16) * (torch.rand(3, 4, 16) < 0.4)
+    coverage = coverage / coverage.sum(-1, keepdim=True).clamp(min=1e-9)
+    labels = torch.tensor([[2, 0, -1, -1], [5, 1, 3, -1], [4, -1, -1, -1]])
+    coverage[labels < 0] = 0
+    phrase_ids, phrase_lengths = torch.randint(4, 40, (6, 4)), torch.tensor([4, 3, 4, 2, 4, 3])
+    with torch.no_grad():
+        both = model(pixels, ids, lengths, (coverage, labels, phrase_ids, phrase_lengths))
+        contrastive = model(pixels, ids, lengths)
+        patches = model.vision.hidden_states(pixels, upto=2)[-2][:, 1:]
+        phrases = model.embed_text(phrase_ids, phrase_lengths)
+        scale = model.logit_scale.exp()
+        want, n = 0.0, 0
+        for b in range(3):
+            for k in range(4):
+                if labels[b, k] < 0:
+                    continue
+                n += 1
+                for p in range(16):
+                    logits = scale * F.normalize(model.region_projection(patches[b, p]), dim=-1) @ phrases.t()
+                    want += coverage[b, k, p] * F.cross_entropy(logits[None], labels[b, k][None])
+    torch.testing.assert_close(both - contrastive, want / n, rtol=1e-5, atol=1e-6)
+    assert (both - contrastive) > 0.1  # a real loss term, not a zero that passes trivially

@@ -41,20 +41,26 @@ class ContrastiveCLIP(nn.Module):
     box covers at `feature_layer` (the layer the projector reads), are contrasted with the text
     tower's embedding of every "size colour shape" phrase. Whole-image InfoNCE alone learns
     colour slowly and shape hardly at all: the caption of a scene can be told from the others in a
-    batch by colours and counts alone. Only the vision tower is kept."""
+    batch by colours and counts alone.
+
+    With `patch_weight` > 0 every patch is also contrasted on its own with the phrases, its target
+    the objects whose boxes it holds (weighted by the share of each box it holds). Pooling alone
+    lets an object's shape live in the pool, not in each patch (a probe reads shape at 99% from the
+    pool, 84% from the best single patch), and the decoder looks up one patch at a time. Only the
+    vision tower is kept."""
 
     def __init__(self, vision: VisionConfig, text: TextConfig, embed_dim: int, feature_layer: int = -2,
-                 region_weight: float = 0.0):
+                 region_weight: float = 0.0, patch_weight: float = 0.0):
         super().__init__()
         self.vision = CLIPVisionTower(vision)
         self.text = LlamaModel(text)
         self.visual_projection = nn.Linear(vision.hidden_size, embed_dim, bias=False)
         self.text_projection = nn.Linear(text.hidden_size, embed_dim, bias=False)
-        if region_weight > 0:
+        if region_weight > 0 or patch_weight > 0:
             self.region_projection = nn.Linear(vision.hidden_size, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.n_vision_layers = vision.num_hidden_layers
-        self.feature_layer, self.region_weight = feature_layer, region_weight
+        self.feature_layer, self.region_weight, self.patch_weight = feature_layer, region_weight, patch_weight
 
     def embed_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Right-padded and read at the last real token: causal attention is exact there without a mask.
@@ -75,10 +81,18 @@ class ContrastiveCLIP(nn.Module):
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         if regions is not None:
             coverage, labels, phrase_ids, phrase_lengths = regions
-            pooled = torch.einsum("bkp,bpd->bkd", coverage, hidden[self.feature_layer][:, 1:])[labels >= 0]
-            obj = F.normalize(self.region_projection(pooled), dim=-1)
-            phrase_logits = scale * obj @ self.embed_text(phrase_ids, phrase_lengths).t()
-            loss = loss + self.region_weight * F.cross_entropy(phrase_logits, labels[labels >= 0])
+            patches, present = hidden[self.feature_layer][:, 1:], labels >= 0
+            phrases = self.embed_text(phrase_ids, phrase_lengths)
+            if self.region_weight > 0:
+                pooled = torch.einsum("bkp,bpd->bkd", coverage, patches)[present]
+                phrase_logits = scale * F.normalize(self.region_projection(pooled), dim=-1) @ phrases.t()
+                loss = loss + self.region_weight * F.cross_entropy(phrase_logits, labels[present])
+            if self.patch_weight > 0:
+                log_p = F.log_softmax(scale * F.normalize(self.region_projection(patches), dim=-1) @ phrases.t(), -1)
+                # [B, patches, objects]: each patch's log-probability of each object's phrase
+                per_object = log_p.gather(2, labels.clamp(min=0)[:, None, :].expand(-1, patches.shape[1], -1))
+                weighted = (coverage.transpose(1, 2) * per_object * present[:, None, :]).sum()
+                loss = loss - self.patch_weight * weighted / present.sum().clamp(min=1)
         return loss
 
 
@@ -130,6 +144,7 @@ class ClipRecipe:
     epochs: float = 4.0
     weight_decay: float = 0.1
     region_weight: float = 0.0  # the object-phrase loss (ContrastiveCLIP); needs `regions` in train_clip
+    patch_weight: float = 0.0  # the same per patch, each patch against its objects' phrases
     feature_layer: int | list[int] = -2  # the projector's layer(s); the region loss pools the last one
     precision: str = "auto"
 
@@ -156,9 +171,9 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
     """Contrastive image-text training on (image, caption) pairs; saves the vision tower to out_dir/clip."""
     torch.manual_seed(seed)
     feature_layer = recipe.feature_layer if isinstance(recipe.feature_layer, int) else recipe.feature_layer[-1]
-    use_regions = regions is not None and recipe.region_weight > 0
+    use_regions = regions is not None and (recipe.region_weight > 0 or recipe.patch_weight > 0)
     model = ContrastiveCLIP(recipe.vision, recipe.text, recipe.embed_dim, feature_layer,
-                            recipe.region_weight if use_regions else 0.0)
+                            *((recipe.region_weight, recipe.patch_weight) if use_regions else (0.0, 0.0)))
     ids, lengths = _pad(captions)
     if use_regions:
         phrase_ids, phrase_lengths = (torch.from_numpy(a) for a in _pad(regions.phrases))

@@ -49,6 +49,7 @@ class Recipe:
     clip_batch: int
     clip_lr: float
     clip_region_weight: float  # the object-phrase loss of the base CLIP (0: image-caption InfoNCE only)
+    clip_patch_weight: float  # the same loss per patch (trainer/base_models.py)
     lm_epochs: float
     stage1: StageConfig
     stage2: StageConfig
@@ -67,7 +68,8 @@ def preset(name: str) -> Recipe:
                                 image_size=96, patch_size=16, projection_dim=128),
             text=TextConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512),
-            clip_epochs=45, clip_batch=128, clip_lr=2e-3, clip_region_weight=1.0, lm_epochs=0.3,
+            clip_epochs=45, clip_batch=128, clip_lr=2e-3, clip_region_weight=1.0, clip_patch_weight=1.0,
+            lm_epochs=0.3,
             stage1=StageConfig(stage=1, lr=2e-3, batch_size=64, micro_batch_size=64, epochs=1),
             stage2=StageConfig(stage=2, lr=1e-3, batch_size=32, micro_batch_size=32, epochs=4),
         )
@@ -78,7 +80,7 @@ def preset(name: str) -> Recipe:
                                 image_size=32, patch_size=16, projection_dim=16),
             text=TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-            clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, lm_epochs=4,
+            clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, clip_patch_weight=1.0, lm_epochs=4,
             stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
             stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=2),
         )
@@ -123,8 +125,8 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=512)
     clip_recipe = ClipRecipe(r.vision, clip_text, epochs=r.clip_epochs, batch_size=r.clip_batch, lr=r.clip_lr,
-                             region_weight=r.clip_region_weight, feature_layer=r.feature_layer,
-                             precision=r.precision)
+                             region_weight=r.clip_region_weight, patch_weight=r.clip_patch_weight,
+                             feature_layer=r.feature_layer, precision=r.precision)
     clip = train_clip(pixels, captions, clip_recipe, image_config, base_dir, seed=r.seed, regions=regions)
     timings["clip_s"] = time.time() - t
     log(f"CLIP: final contrastive loss {clip['final_loss']:.3f} after {clip['steps']} steps")
