@@ -28,7 +28,7 @@ from llava_rt.trainer.data import IGNORE_INDEX, generate_dataset, load_examples
 from llava_rt.trainer.evaluate import evaluate_scienceqa, objects_mentioned, parse_answer_letter
 from llava_rt.trainer.instructions import detailed_description
 from llava_rt.trainer.loop import batch_indices
-from llava_rt.trainer.recipe import run_recipe
+from llava_rt.trainer.recipe import run_recipe, ship_run
 from llava_rt.trainer.stages import mean_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,6 +403,21 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
             assert detailed_description(scene) == s["conversations"][1]["value"]
     pretrain = json.loads((a / "pretrain.json").read_text())
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
+
+
+def test_ship_run_replaces_the_model_and_writes_a_verified_export(smoke, tmp_path):
+    """`recipe --ship` (trainer/recipe.ship_run): the final checkpoint, the run's report and a verified
+    ONNX export replace whatever was at the destination, and no staging directory is left."""
+    dest = tmp_path / "models" / "shipped"
+    dest.mkdir(parents=True)
+    (dest / "stale.txt").write_text("from an older model")
+    ship_run(smoke, dest)
+    assert not (dest / "stale.txt").exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["shipped"]
+    assert (dest / "model.safetensors").read_bytes() == (smoke / "stage2" / "final" / "model.safetensors").read_bytes()
+    assert json.loads((dest / "training_report.json").read_text())["recipe"] == "smoke"
+    manifest = json.loads((dest / "onnx" / "manifest.json").read_text())
+    assert manifest["verification"]["ok"] and manifest["source"]["path"] == str(dest)
 
 
 def test_patch_coverage_finds_the_rendered_objects():

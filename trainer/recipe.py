@@ -200,19 +200,30 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     report["timings"]["eval_s"] = time.time() - t
     report["timings"]["total_s"] = time.time() - t0
     report["stage2_types"] = stage2_types or "all"
-    final = out / "stage2" / "final"
-    if ship_to is not None:
-        if ship_to.exists():
-            shutil.rmtree(ship_to)
-        shutil.copytree(final, ship_to)
-        (ship_to / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
-        # Its verified ONNX export beside it, so llava-infer answers with it without torch.
-        from llava_rt.export.cli import main as export_main
-
-        if export_main([str(ship_to), "--quiet"]) != 0:
-            raise RuntimeError(f"the ONNX export of {ship_to} failed; see above")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if ship_to is not None:
+        ship_run(out, ship_to)
     return report
+
+
+def ship_run(out: Path, ship_to: Path) -> None:
+    """Copy a finished run's final model to `ship_to` with its training report, then write its
+    verified ONNX export beside it, so llava-infer answers with it without torch."""
+    from llava_rt.export.cli import main as export_main
+
+    out, ship_to = Path(out), Path(ship_to)
+    staging, old = ship_to.with_name(ship_to.name + ".tmp"), ship_to.with_name(ship_to.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(out / "stage2" / "final", staging)
+    shutil.copy(out / "report.json", staging / "training_report.json")
+    # Swap whole directories, so an interrupted copy never leaves a half-shipped model; the export
+    # (written atomically by llava-export) runs in place so its manifest names the shipped path.
+    if ship_to.exists():
+        ship_to.rename(old)
+    staging.rename(ship_to)
+    shutil.rmtree(old, ignore_errors=True)
+    if export_main([str(ship_to), "--quiet"]) != 0:
+        raise RuntimeError(f"the ONNX export of {ship_to} failed; see above (rerun: llava-export {ship_to})")
 
 
 def _same_stage1(run: Path, r: Recipe) -> bool:
