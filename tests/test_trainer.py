@@ -411,6 +411,8 @@ def test_ship_run_replaces_the_model_and_writes_a_verified_export(smoke, tmp_pat
     dest = tmp_path / "models" / "shipped"
     dest.mkdir(parents=True)
     (dest / "stale.txt").write_text("from an older model")
+    (dest.parent / "shipped.old").mkdir()  # left by an interrupted earlier ship
+    (dest.parent / "shipped.old" / "x").write_text("x")
     ship_run(smoke, dest)
     assert not (dest / "stale.txt").exists()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["shipped"]

@@ -213,7 +213,8 @@ def ship_run(out: Path, ship_to: Path) -> None:
 
     out, ship_to = Path(out), Path(ship_to)
     staging, old = ship_to.with_name(ship_to.name + ".tmp"), ship_to.with_name(ship_to.name + ".old")
-    shutil.rmtree(staging, ignore_errors=True)
+    for leftover in (staging, old):  # from an interrupted earlier ship
+        shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(out / "stage2" / "final", staging)
     shutil.copy(out / "report.json", staging / "training_report.json")
     # Swap whole directories, so an interrupted copy never leaves a half-shipped model; the export

@@ -191,10 +191,9 @@ def main() -> None:
         p.error("--llm is already freshly initialised; drop --reinit")
     if a.copy_steps and not a.llm:
         p.error("--copy-steps trains a fresh LLM; give --llm too")
-    only = a.only.split(",") if a.only else []
-    if unknown := [f for f in only if f not in {f.__name__ for f in CONVERSATION}]:
-        p.error(f"--only: unknown form(s) {', '.join(unknown)}; the forms are "
-                f"{', '.join(f.__name__ for f in CONVERSATION)}")
+    only, known = (a.only.split(",") if a.only else []), [form.__name__ for form in CONVERSATION]
+    if unknown := [name for name in only if name not in known]:
+        p.error(f"--only: unknown form(s) {', '.join(unknown)}; the forms are {', '.join(known)}")
     torch.manual_seed(0)
     model_dir = a.model or a.run / "stage1" / "final"
     model = load_model(model_dir)
