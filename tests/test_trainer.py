@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -170,6 +171,24 @@ def test_tune_vision_trains_the_tower_and_the_default_keeps_it_frozen(smoke, tmp
         assert vision and bool(changed) == moves, (tune, vision_lr, changed)
         assert moves == any("patch_embedding" in k for k in changed)  # gradients reach the first layer
         assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(smoke, tmp_path):
+    from llava_rt.trainer.stages import StageConfig, run_stage
+
+    src, data = smoke / "stage1" / "final", smoke / "data"
+    curves = []
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        sc = StageConfig(stage=2, lr=1e-3, batch_size=8, micro_batch_size=4, epochs=1, limit=32, precision="fp32",
+                         compile=compiled)
+        run_stage(src, data / "instruct.json", data, tmp_path / str(compiled), sc, log=lambda *_: None)
+        curves.append(losses(tmp_path / str(compiled) / "metrics.jsonl"))
+    # Same batches, same updates: only the fused kernels' rounding differs.
+    assert len(curves[0]) == len(curves[1]) >= 2
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
 
 
 def _stage_cmd(smoke: Path, out: Path, *extra: str) -> list[str]:
@@ -486,3 +505,32 @@ def test_patch_region_loss_matches_a_loop_over_patches():
                     want += coverage[b, k, p] * F.cross_entropy(logits[None], labels[b, k][None])
     torch.testing.assert_close(both - contrastive, want / n, rtol=1e-5, atol=1e-6)
     assert (both - contrastive) > 0.1  # a real loss term, not a zero that passes trivially
+
+
+def test_region_phrases_name_each_object_and_optionally_its_place():
+    from llava_rt.trainer.recipe import region_phrases
+    from llava_rt.trainer.world import COLORS, SHAPES, SIZES, sample_scene
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(20)]
+    for with_position, per_object in ((False, 1), (True, 9)):
+        phrases, labels = region_phrases(scenes, with_position)
+        assert len(phrases) == len(set(phrases)) == len(SIZES) * len(COLORS) * len(SHAPES) * per_object
+        for s, row in zip(scenes, labels):
+            assert (row[len(s.objects):] == -1).all()
+            for o, k in zip(s.objects, row):
+                want = f"{o.size} {o.color} {o.shape}" + (f" at the {o.position}" if with_position else "")
+                assert phrases[k] == want
+
+
+def test_lr_schedules():
+    from llava_rt.trainer.loop import lr_lambda
+
+    cos, wsd = lr_lambda(10, 100), lr_lambda(10, 100, "wsd")
+    for f in (cos, wsd):
+        assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up
+    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    assert [wsd(s) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]  # stable until the last 20%
+    assert wsd(80) == pytest.approx(1.0) and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
+    with pytest.raises(ValueError, match="cosine or wsd"):
+        lr_lambda(10, 100, "linear")

@@ -30,6 +30,9 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--image-folder", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"],
+                   help="lr after the warm-up: cosine decay (the paper's) or wsd (constant, then a linear decay "
+                        "over the last 20%% of the steps)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--epochs", type=float, default=d.epochs)
@@ -50,6 +53,8 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast (fp32 master weights) or fp32; auto: bf16 on CUDA and on CPUs with "
                         "native bf16 (AVX512-BF16, AMX), fp32 elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (about a minute to compile; docs/REPRODUCTION.md has the speed-up)")
 
 
 def parse(argv):
@@ -104,7 +109,7 @@ def run(args) -> int:
     if args.cmd == "recipe":
         from .recipe import preset, run_recipe
 
-        overrides = {"precision": args.precision}
+        overrides = {"precision": args.precision, "compile": args.compile}
         if args.feature_layer is not None:
             overrides["feature_layer"] = args.feature_layer
         if args.skip_stage1:
@@ -137,7 +142,8 @@ def run(args) -> int:
                          micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_len=args.max_len,
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
-                         tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision)
+                         tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
+                         compile=args.compile, schedule=args.schedule)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -32,8 +32,8 @@ from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
 from .data import corpus_text, generate_dataset, load_scenes
-from .instructions import describe, detailed_description
-from .world import COLORS, MAX_OBJECTS, SHAPES, SIZES, SceneObject, patch_coverage
+from .instructions import at_position, describe, detailed_description
+from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage
 from .stages import StageConfig, build_llava, run_stage
 
 
@@ -57,6 +57,10 @@ class Recipe:
     feature_layer: int | list[int] = -2
     seed: int = 0
     precision: str = "auto"  # every training step: bf16 autocast where the hardware has it (trainer/loop.py)
+    # Region phrases name the object's place too ("large red circle at the top left"), so that each
+    # patch carries its grid cell in a form a lookup can read (docs/REPRODUCTION.md, "Where").
+    clip_phrase_position: bool = False
+    compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     notes: dict = field(default_factory=dict)
 
 
@@ -92,6 +96,20 @@ def image_processor_for(size: int) -> ImageProcessorConfig:
                                 image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_pad=True)
 
 
+def region_phrases(scenes: list, with_position: bool = False) -> tuple[list[str], np.ndarray]:
+    """Every phrase the region loss contrasts ("large red circle", or with_position "large red circle
+    at the top left") and, per scene, the index of each object's phrase ([scenes, MAX_OBJECTS], -1: none)."""
+    phrase = (lambda o: f"{describe(o)} {at_position(o.position)}") if with_position else describe
+    cells = [(row, col) for row in range(len(ROWS)) for col in range(len(COLS))] if with_position else [(0, 0)]
+    phrases = [phrase(SceneObject(color, shape, size, row, col)) for size in SIZES for color in COLORS
+               for shape in SHAPES for row, col in cells]
+    index = {p: i for i, p in enumerate(phrases)}
+    labels = np.full((len(scenes), MAX_OBJECTS), -1, dtype=np.int64)
+    for i, s in enumerate(scenes):
+        labels[i, : len(s.objects)] = [index[phrase(o)] for o in s.objects]
+    return phrases, labels
+
+
 def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> dict:
     """Tokenizer, contrastive CLIP and causal LM trained on the data set's training split."""
     timings = {}
@@ -115,11 +133,7 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
         return text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
 
     captions = [encode(detailed_description(s)) for _, s in scenes[: r.n_train]]
-    phrases = [describe(SceneObject(color, shape, size, 0, 0)) for size in SIZES for color in COLORS for shape in SHAPES]
-    index = {p: i for i, p in enumerate(phrases)}
-    labels = np.full((r.n_train, MAX_OBJECTS), -1, dtype=np.int64)
-    for i, (_, s) in enumerate(scenes[: r.n_train]):
-        labels[i, : len(s.objects)] = [index[describe(o)] for o in s.objects]
+    phrases, labels = region_phrases([s for _, s in scenes[: r.n_train]], r.clip_phrase_position)
     regions = ClipRegions(np.stack([patch_coverage(s, r.image_size, r.vision.patch_size) for _, s in scenes[: r.n_train]]),
                           labels, [encode(p) for p in phrases])
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -152,6 +166,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     for key, value in overrides.items():
         setattr(r, key, value)
     r.stage1.precision = r.stage2.precision = r.precision
+    r.stage1.compile = r.stage2.compile = r.compile
     out = Path(out)
     report: dict = {"recipe": name, "config": asdict(r), "timings": {}}
     t0 = time.time()
