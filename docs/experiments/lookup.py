@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import time
 from collections import defaultdict
@@ -172,10 +173,13 @@ def main() -> None:
     p.add_argument("--one-form-batches", action="store_true",
                    help="each step's batch drawn from one form (chosen at random), not from all of them")
     p.add_argument("--scene", choices=["tower", "oracle-patch", "oracle-centre", "text"], default="tower")
+    p.add_argument("--standardize", action="store_true",
+                   help="z-score each feature dimension over the training scenes (what a whitening projector init does)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then a constant lr")
+    p.add_argument("--cosine", action="store_true", help="after the warm-up, cosine decay to 0 at --steps (stage 2's schedule)")
     p.add_argument("--reinit", action="store_true", help="decoder: re-initialise the LLM's linear layers, N(0, 0.02)")
     p.add_argument("--llm", help="decoder: a fresh LLM of another shape instead, LAYERSxWIDTH (e.g. 8x192; "
                    "32-wide heads, GQA 2:1, MLP 2.6875x), with a fresh projector")
@@ -183,6 +187,7 @@ def main() -> None:
                    help="with --llm: first train the LLM on random token sequences written twice (batch 64, loss on "
                         "the second copy) for up to this many steps, stopping once it copies them (induction heads)")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--misses", type=int, default=0, help="decoder: print this many held-out misses at the end")
     p.add_argument("--save", type=Path, help="decoder: write the trained checkpoint here (a stage-2 starting point)")
     a = p.parse_args()
     if a.learner == "probe" and (a.forms, a.scene) != ("shape-of", "tower"):
@@ -209,6 +214,9 @@ def main() -> None:
     elif a.scene.startswith("oracle"):
         feats = torch.stack([oracle_features(s, vision.image_size, vision.patch_size, vision.hidden_size,
                                              a.scene == "oracle-centre") for _, s in scenes])
+    if a.standardize:
+        fit = feats[:N_TRAIN_SCENES].flatten(0, 1)
+        feats = (feats - fit.mean(0)) / fit.std(0)
     rows = shape_of_questions(scenes) if a.forms == "shape-of" else conversation_questions(scenes)
     if only:
         rows = [r for r in rows if r.form in only]
@@ -260,7 +268,12 @@ def main() -> None:
 
     params = [q for q in learner.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup) if a.warmup else 1.0)
+    def lr_factor(s: int) -> float:
+        if a.warmup and s < a.warmup:
+            return (s + 1) / a.warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - a.warmup) / max(1, a.steps - a.warmup))) if a.cosine else 1.0
+
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng, t0 = random.Random(0), time.time()
     by_form_train = defaultdict(list)
     for r in train:
@@ -289,6 +302,21 @@ def main() -> None:
             if len(by_form) > 1:
                 for form, v in sorted(by_form.items()):
                     print(f"    {form:16s} {sum(v) / len(v):.3f}  (n={len(v)})", flush=True)
+    if a.misses and a.learner == "decoder":
+        learner.eval()
+        shown = 0
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            for r in scored:
+                arrays = {k: torch.from_numpy(v) for k, v in collate([example(r)], 0).items()}
+                image = None if a.scene == "text" else feats[[r.scene]]
+                pred = learner(arrays["input_ids"], vision_features=image)[0, :-1].argmax(-1)
+                labels = arrays["labels"][0, 1:]
+                keep = labels != -100
+                if (pred[keep] != labels[keep]).any():
+                    print(f"MISS {r.form}: {r.question} | want {r.answer!r} | got {text.decode(pred[keep].tolist())!r}")
+                    shown += 1
+                    if shown == a.misses:
+                        break
     if a.save and a.learner == "decoder":
         save_checkpoint(learner, a.save, copy_from=model_dir)
 
