@@ -522,15 +522,3 @@ def test_region_phrases_name_each_object_and_optionally_its_place():
                 want = f"{o.size} {o.color} {o.shape}" + (f" at the {o.position}" if with_position else "")
                 assert phrases[k] == want
 
-
-def test_lr_schedules():
-    from llava_rt.trainer.loop import lr_lambda
-
-    cos, wsd = lr_lambda(10, 100), lr_lambda(10, 100, "wsd")
-    for f in (cos, wsd):
-        assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up
-    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    assert [wsd(s) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]  # stable until the last 20%
-    assert wsd(80) == pytest.approx(1.0) and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
-    with pytest.raises(ValueError, match="cosine or wsd"):
-        lr_lambda(10, 100, "linear")

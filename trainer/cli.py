@@ -30,9 +30,6 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--image-folder", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"],
-                   help="lr after the warm-up: cosine decay (the paper's) or wsd (constant, then a linear decay "
-                        "over the last 20%% of the steps)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--epochs", type=float, default=d.epochs)
@@ -54,7 +51,7 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast (fp32 master weights) or fp32; auto: bf16 on CUDA and on CPUs with "
                         "native bf16 (AVX512-BF16, AMX), fp32 elsewhere")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (about a minute to compile; docs/REPRODUCTION.md has the speed-up)")
+                   help="torch.compile the training step (seconds to a minute to compile; docs/REPRODUCTION.md has the speed-up)")
 
 
 def parse(argv):
@@ -143,7 +140,7 @@ def run(args) -> int:
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
                          tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
-                         compile=args.compile, schedule=args.schedule)
+                         compile=args.compile)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -51,7 +51,6 @@ class TrainConfig:
     stop_after: int = 0  # stop (resumably) after this many steps of this run; 0 = run to the end
     precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast (fp32 master weights) or none
     compile: bool = False  # torch.compile the forward and backward (dynamic shapes: batches vary in length)
-    schedule: str = "cosine"  # after the warm-up: cosine (the paper's) or wsd (lr_lambda)
     desc: str = "training"
 
 
@@ -101,18 +100,10 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def lr_lambda(warmup: int, total: int, schedule: str = "cosine", decay_ratio: float = 0.2) -> Callable[[int], float]:
-    """Linear warm-up, then "cosine" (the paper's) decay to 0 at `total`, or "wsd" (warm-up, stable,
-    decay): the full lr until the last `decay_ratio` of the steps, then a linear decay to 0."""
-    if schedule not in ("cosine", "wsd"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; choose cosine or wsd")
-    decay_start = max(warmup, int(round(total * (1 - decay_ratio))))
-
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if schedule == "wsd":
-            return 1.0 if step < decay_start else max(0.0, (total - step) / max(1, total - decay_start))
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -201,7 +192,7 @@ def train(
     steps_per_epoch = max(1, n_examples // cfg.batch_size)  # drop the last partial batch, as the global batch must be full
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     warmup = max(1, int(round(cfg.warmup_ratio * total)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, cfg.schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
     start = 0
     last = out / "checkpoint-last"
     if resume_from is not None:

@@ -57,8 +57,9 @@ class Recipe:
     feature_layer: int | list[int] = -2
     seed: int = 0
     precision: str = "auto"  # every training step: bf16 autocast where the hardware has it (trainer/loop.py)
-    # Region phrases name the object's place too ("large red circle at the top left"), so that each
-    # patch carries its grid cell in a form a lookup can read (docs/REPRODUCTION.md, "Where").
+    # Region phrases that name the place too ("large red circle at the top left"): it makes the place
+    # linear in the tower's features but did not help "where" questions (docs/REPRODUCTION.md, "Alone,
+    # mixed, and where things are"), so the presets leave it off.
     clip_phrase_position: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     notes: dict = field(default_factory=dict)

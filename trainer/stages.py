@@ -177,7 +177,6 @@ class StageConfig:
     stop_after: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer/loop.py)
     compile: bool = False  # torch.compile the training step (trainer/loop.py)
-    schedule: str = "cosine"  # lr after the warm-up: cosine or wsd (trainer/loop.py lr_lambda)
 
 
 def run_stage(
@@ -233,7 +232,7 @@ def run_stage(
     cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
-                      precision=sc.precision, compile=sc.compile, schedule=sc.schedule,
+                      precision=sc.precision, compile=sc.compile,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
