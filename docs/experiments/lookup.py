@@ -257,14 +257,18 @@ def main() -> None:
                 tokenized[r] = Example(str(r.scene), None, *tokenize_v1(text, turns, str(r.scene)))
             return tokenized[r]
 
-        def hits_of(batch):
+        def logits_of(batch):
+            """Next-token logits and labels of each question's tokens, teacher-forced."""
             arrays = {k: torch.from_numpy(v) for k, v in collate([example(r) for r in batch], 0).items()}
             image = None if a.scene == "text" else feats[[r.scene for r in batch]]
             with torch.autocast("cpu", torch.bfloat16):
                 logits = learner(arrays["input_ids"], vision_features=image)
-            labels = arrays["labels"][:, 1:]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            return loss, ((logits[:, :-1].argmax(-1) == labels) | (labels == -100)).all(1)
+            return logits[:, :-1], arrays["labels"][:, 1:]
+
+        def hits_of(batch):
+            logits, labels = logits_of(batch)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            return loss, ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
 
     params = [q for q in learner.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
@@ -304,19 +308,19 @@ def main() -> None:
                     print(f"    {form:16s} {sum(v) / len(v):.3f}  (n={len(v)})", flush=True)
     if a.misses and a.learner == "decoder":
         learner.eval()
-        shown = 0
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            for r in scored:
-                arrays = {k: torch.from_numpy(v) for k, v in collate([example(r)], 0).items()}
-                image = None if a.scene == "text" else feats[[r.scene]]
-                pred = learner(arrays["input_ids"], vision_features=image)[0, :-1].argmax(-1)
-                labels = arrays["labels"][0, 1:]
-                keep = labels != -100
-                if (pred[keep] != labels[keep]).any():
-                    print(f"MISS {r.form}: {r.question} | want {r.answer!r} | got {text.decode(pred[keep].tolist())!r}")
-                    shown += 1
-                    if shown == a.misses:
-                        break
+        misses = []
+        with torch.no_grad():
+            for i in range(0, len(scored), 100):
+                batch = scored[i : i + 100]
+                logits, labels = logits_of(batch)
+                for r, pred, want in zip(batch, logits.argmax(-1), labels):
+                    keep = want != -100
+                    if (pred[keep] != want[keep]).any():
+                        misses.append(f"MISS {r.form}: {r.question} | want {r.answer!r} | "
+                                      f"got {text.decode(pred[keep].tolist())!r}")
+                if len(misses) >= a.misses:
+                    break
+        print("\n".join(misses[: a.misses]))
     if a.save and a.learner == "decoder":
         save_checkpoint(learner, a.save, copy_from=model_dir)
 
