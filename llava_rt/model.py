@@ -476,7 +476,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def init_weights(model: LlavaForConditionalGeneration, seed: int = 0, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Random weights like transformers' init: normal(0, std) matrices, unit norms, zero biases."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

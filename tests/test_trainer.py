@@ -6,6 +6,7 @@ is trained once per session; the other tests start from its checkpoints.
 
 from __future__ import annotations
 
+from collections import Counter
 import json
 import os
 import random
@@ -25,8 +26,8 @@ from llava_rt.checkpoint import load_model
 from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 from llava_rt.tokenizer import TextProcessor
-from llava_rt.trainer.data import IGNORE_INDEX, generate_dataset, load_examples
-from llava_rt.trainer.evaluate import evaluate_scienceqa, objects_mentioned, parse_answer_letter
+from llava_rt.trainer.data import IGNORE_INDEX, generate_dataset, load_examples, load_scenes, write_short_questions
+from llava_rt.trainer.evaluate import evaluate_scienceqa, objects_mentioned, objects_placed, parse_answer_letter
 from llava_rt.trainer.instructions import detailed_description
 from llava_rt.trainer.loop import batch_indices
 from llava_rt.trainer.recipe import run_recipe, ship_run
@@ -61,7 +62,7 @@ def test_smoke_recipe_loss_falls_and_checkpoint_loads(smoke):
     instruct = [mean_loss(smoke / m, data / "instruct.json", data, stage=2, limit=64)
                 for m in ("stage1/final", "stage2/final")]
     assert instruct[1] < 0.7 * instruct[0], instruct
-    for key in ("conversation_exact_match", "reasoning_exact_match", "detail_objects_named"):
+    for key in ("conversation_exact_match", "reasoning_exact_match", "detail_objects_named", "detail_objects_placed"):
         assert 0.0 <= report["eval"][key] <= 1.0
     forms = report["eval"]["by_question"]
     counts = report["eval"]["counts"]
@@ -84,8 +85,14 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
     from llava_rt.trainer.recipe import _same_stage1, preset
 
     out = tmp_path / "conversation-only"
-    report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["conversation"])
+    report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["conversation"],
+                        short_phase=True)
     assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
+    # --short-phase: the short questions first, from stage 1, then stage 2 from where they left off.
+    assert report["stage2_short"]["samples"] == len(json.loads((out / "short.json").read_text()))
+    curve = losses(out / "stage2-short" / "metrics.jsonl")
+    assert curve[-1] < 0.7 * curve[0], curve
+    assert report["config"]["stage2"]["epochs"] == 2 and report["config"]["short_phase"]["group_by_length"] is False
     assert not (out / "data").exists() and not (out / "base").exists()
     kinds = [s["type"] for s in json.loads((smoke / "data" / "instruct.json").read_text())]
     assert report["stage2"]["samples"] + report["stage2"]["rejected"] == kinds.count("conversation") < len(kinds)
@@ -419,9 +426,52 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
             scene = scenes[s["id"].split("-")[0]]
             named = objects_mentioned(s["conversations"][1]["value"])
             assert sum(named.values()) == len(scene.objects)
+            placed = objects_placed(s["conversations"][1]["value"])
+            assert placed == Counter((o.position, o.color, o.shape) for o in scene.objects)
             assert detailed_description(scene) == s["conversations"][1]["value"]
     pretrain = json.loads((a / "pretrain.json").read_text())
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
+
+
+def test_fresh_llm_restarts_the_llm_and_projector_and_keeps_the_tower(smoke, tmp_path):
+    from llava_rt.checkpoint import load_model
+    from llava_rt.trainer.stages import StageConfig, run_stage
+
+    start = smoke / "stage1" / "final"
+    sc = StageConfig(stage=2, lr=0.0, batch_size=8, micro_batch_size=8, epochs=1, stop_after=1, fresh_llm=True)
+    run_stage(start, smoke / "data" / "instruct.json", smoke / "data", tmp_path / "out", sc, log=lambda *_: None)
+    before = load_model(start).state_dict()
+    after = load_model(tmp_path / "out" / "checkpoint-last" / "model").state_dict()
+    assert before.keys() == after.keys()
+    for name, w in after.items():
+        if name.startswith("vision_tower."):
+            assert torch.equal(w, before[name]), name
+        elif "norm" in name:
+            assert torch.all(w == 1.0), name
+        elif name.endswith("bias"):
+            assert torch.all(w == 0.0), name
+        else:  # a fresh N(0, 0.02) draw, unrelated to the trained weight it replaces
+            assert abs(w.std().item() - 0.02) < 0.004 and not torch.allclose(w, before[name]), name
+
+
+def test_short_questions_ask_each_form_once_per_training_scene(tmp_path):
+    data = generate_dataset(tmp_path / "d", n_train=12, n_eval=2, seed=3)
+    path = write_short_questions(data, tmp_path / "short.json", seed=0)
+    assert path.read_text() == write_short_questions(data, tmp_path / "again.json", seed=0).read_text()
+    samples = json.loads(path.read_text())
+    scenes = load_scenes(data)
+    by_scene = Counter(s["id"].split("-")[0] for s in samples)
+    assert sorted(by_scene) == [f"{i:06d}" for i in range(12)]  # the training scenes, none of the held-out ones
+    assert all(len(set(s["conversations"][0]["value"] for s in samples if s["id"].startswith(sid))) == n
+               for sid, n in by_scene.items())  # no question twice for one image
+    for s in samples:
+        (question, answer), scene = s["conversations"], scenes[s["id"].split("-")[0]]
+        assert len(s["conversations"]) == 2 and "<image>" in question["value"]
+        assert s["image"] == f"images/{s['id'].split('-')[0]}.png"
+        if "How many objects are there" in question["value"]:
+            assert f" {len(scene.objects)} object" in answer["value"]
+    # Every conversation form is asked of every scene where it has a definite answer: counting questions always.
+    assert sum("How many objects are there" in s["conversations"][0]["value"] for s in samples) == 12
 
 
 def test_ship_run_replaces_the_model_and_writes_a_verified_export(smoke, tmp_path):

@@ -42,6 +42,10 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
                    help="train the vision tower too (LLaVA-NeXT style; the paper keeps it frozen)")
     p.add_argument("--vision-lr", type=float, default=None, help="the tower's lr with --tune-vision (default: --lr)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--no-group-by-length", action="store_true",
+                   help="plain shuffled batches instead of batches of similar length")
+    p.add_argument("--fresh-llm", action="store_true",
+                   help="start from a freshly initialised LLM and projector (the tower and tokenizer kept)")
     _precision_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
 
@@ -63,6 +67,9 @@ def parse(argv):
     r.add_argument("--ship", type=Path, help="copy the final model here (e.g. models/llava-rt-default)")
     r.add_argument("--feature-layer", type=int, default=None, help="ablation: vision feature layer (-1 or -2)")
     r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
+    r.add_argument("--short-phase", action="store_true",
+                   help="experiment: open stage 2 with short single-turn questions from a fresh LLM and "
+                        "projector, then 2 epochs of the mix (docs/REPRODUCTION.md)")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
     _precision_arg(r)
@@ -114,7 +121,7 @@ def run(args) -> int:
             s1.epochs = 0.0
             overrides["stage1"] = s1
         report = run_recipe(args.out, args.preset, args.ship, reuse=args.reuse, stage2_types=args.stage2_types,
-                            **overrides)
+                            short_phase=args.short_phase, **overrides)
         scores = {k: v for k, v in report["eval"].items() if k != "misses"}  # the misses are in OUT/report.json
         print(json.dumps({"eval": scores, "timings": {k: round(v, 1) for k, v in report["timings"].items()}}, indent=2))
     elif args.cmd == "data":
@@ -140,7 +147,8 @@ def run(args) -> int:
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
                          tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
-                         compile=args.compile)
+                         compile=args.compile, group_by_length=not args.no_group_by_length,
+                         fresh_llm=args.fresh_llm)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from llava_rt.tokenizer import TextProcessor
 
-from .instructions import BRIEF_QUESTIONS, DETAIL_QUESTIONS, brief_caption, conversation, detailed_description, reasoning
+from .instructions import (BRIEF_QUESTIONS, DETAIL_QUESTIONS, brief_caption, conversation, detailed_description, reasoning,
+                           short_questions)
 from .world import Scene, render, sample_scene
 
 IGNORE_INDEX = -100
@@ -41,7 +42,9 @@ IMAGE_TAG = "<image>"
 def _sample(sid: str, image: str, qa: list[tuple[str, str]], kind: str, rng: random.Random) -> dict:
     turns = []
     for i, (q, a) in enumerate(qa):
-        if i == 0:  # the repo's data puts <image> first or last in the first question
+        # The repo's data puts <image> first or last in the first question; the chat template puts the
+        # image first either way (as the repo's preprocess_multimodal moves it to the front).
+        if i == 0:
             q = f"{IMAGE_TAG}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE_TAG}"
         turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return {"id": sid, "image": image, "type": kind, "conversations": turns}
@@ -75,6 +78,26 @@ def generate_dataset(out_dir: str | Path, n_train: int, n_eval: int, seed: int =
                 evaluation.extend(samples)
     for name, data in (("pretrain.json", pretrain), ("instruct.json", instruct), ("eval.json", evaluation)):
         (out / name).write_text(json.dumps(data, indent=0))
+    return out
+
+
+def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
+    """Single-turn conversation samples, one per question form per training scene, for stage 2's
+    short-question phase (trainer/recipe.py), in the LLaVA format; a pure function of the scenes and seed."""
+    rng = random.Random(seed)
+    samples = []
+    with open(Path(data_dir) / "scenes.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] != "train":
+                continue
+            scene, image = Scene.from_dict(row["scene"]), f"images/{row['id']}.png"
+            for k, qa in enumerate(short_questions(scene, rng)):
+                samples.append(_sample(f"{row['id']}-short-{k}", image, [qa], "conversation", rng))
+    out = Path(out_json)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(samples))
+    tmp.replace(out)
     return out
 
 

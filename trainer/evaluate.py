@@ -4,7 +4,8 @@ Held-out instruction data (eval.json from the synthetic world):
   conversation, reasoning: exact match of the generated answer with the reference, per turn, with
       the earlier turns of the conversation given (teacher forcing), after normalising case,
       spaces and a trailing period;
-  detail: the share of scene objects mentioned with the right colour and shape ("red circle").
+  detail: the share of scene objects mentioned with the right colour and shape ("red circle"), and
+      (detail_objects_placed) with the right place too ("at the top left there is a large red circle").
 Conversation and reasoning scores are also broken down by question form (`by_question`: the
 question with its colours, shapes, sizes and places replaced by COLOR, SHAPE, SIZE, PLACE), so a
 weak skill shows (counting, shapes, places) instead of hiding in one number.
@@ -29,7 +30,7 @@ from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 
 from .data import IMAGE_TAG, to_messages
-from .world import COLORS, COLS, ROWS, SHAPES, SIZES
+from .world import COLORS, COLS, ROWS, SHAPES, SIZES, position_name
 
 
 def normalize(text: str) -> str:
@@ -39,6 +40,20 @@ def normalize(text: str) -> str:
 def objects_mentioned(text: str) -> Counter:
     pattern = rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b"
     return Counter(re.findall(pattern, text.lower()))
+
+
+_PLACES = sorted({position_name(r, c) for r in range(3) for c in range(3)}, key=len, reverse=True)
+_PLACED = re.compile(rf"\bat the ({'|'.join(_PLACES)}) there is an? (?:(?:{'|'.join(SIZES)}) )?"
+                     rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
+
+
+def objects_placed(text: str) -> Counter:
+    """('top left', 'red', 'circle') for each "at the top left there is a large red circle"."""
+    return Counter(_PLACED.findall(text.lower()))
+
+
+def _share_found(want: Counter, found: Counter) -> float:
+    return sum(min(n, found[k]) for k, n in want.items()) / max(1, sum(want.values()))
 
 
 _FORM_WORDS = [(r"\b(?:%s)s?\b" % "|".join(words), name) for words, name in (
@@ -86,9 +101,8 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
     examples = defaultdict(list)
     for (kind, ref, sid, question), got in zip(refs, answers):
         if kind == "detail":
-            want = objects_mentioned(ref)
-            found = objects_mentioned(got)
-            score = sum(min(n, found[k]) for k, n in want.items()) / max(1, sum(want.values()))
+            score = _share_found(objects_mentioned(ref), objects_mentioned(got))
+            scores["detail_placed"].append(_share_found(objects_placed(ref), objects_placed(got)))
         else:
             score = float(normalize(got) == normalize(ref))
         scores[kind].append(score)
@@ -101,7 +115,8 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
         "conversation_exact_match": _mean(scores["conversation"]),
         "reasoning_exact_match": _mean(scores["reasoning"]),
         "detail_objects_named": _mean(scores["detail"]),
-        "counts": {k: len(v) for k, v in scores.items()},
+        "detail_objects_placed": _mean(scores["detail_placed"]),
+        "counts": {k: len(v) for k, v in scores.items() if k != "detail_placed"},
         "by_question": {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(by_form.items())},
         "misses": dict(examples),
     }

@@ -185,6 +185,11 @@ def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str
     return qa
 
 
+def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One question of every conversation form that has a definite answer in this scene."""
+    return [qa for form in CONVERSATION if (qa := form(scene, rng)) is not None]
+
+
 # ----------------------------------------------------------------------------- reasoning
 
 

@@ -177,6 +177,13 @@ class StageConfig:
     stop_after: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer/loop.py)
     compile: bool = False  # torch.compile the training step (trainer/loop.py)
+    # Batches of similar length (LLaVA's group_by_length). Off for the short-question phase: there a
+    # length is nearly a question form, and batches of one form teach nothing (docs/REPRODUCTION.md).
+    group_by_length: bool = True
+    # Start from a freshly initialised LLM and projector (the tower and tokenizer kept): from our small
+    # base LM and stage-1 projector the short answers stay at their most common value, from fresh ones
+    # they are learnt (docs/REPRODUCTION.md, "A short-question phase").
+    fresh_llm: bool = False
 
 
 def run_stage(
@@ -196,6 +203,10 @@ def run_stage(
     resume_from = last if resume and (last / "trainer_state.json").is_file() else None
     source = resume_from / "model" if resume_from else Path(model_dir)
     model = load_model(source).to(d.device).train()
+    if sc.fresh_llm and resume_from is None:
+        # One seed for each part: an untied head starts equal to the embeddings, as a tied one would.
+        for part in (model.multi_modal_projector, model.language_model, model.lm_head):
+            init_weights(part, seed=sc.seed)
     data = StageData.load(model, model_dir, data_json, image_folder, sc.stage, sc.max_len, sc.limit, d.device,
                           sc.tune_vision)
     examples, rejected = data.examples, data.rejected
@@ -235,7 +246,7 @@ def run_stage(
                       precision=sc.precision, compile=sc.compile,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
-    lengths = np.array([len(e.input_ids) for e in examples])
+    lengths = np.array([len(e.input_ids) for e in examples]) if sc.group_by_length else None
     summary = train(model, groups, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
                     resume_from, lengths=lengths)
     if d.main and summary["finished"]:

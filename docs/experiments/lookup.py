@@ -6,7 +6,8 @@ from scenes [10000, 12000) to score (exact match of the whole answer, teacher-fo
   --forms shape-of      "What shape is the COLOR object?" alone (objects whose colour is unique in
                         their scene); the first 1,000 held-out questions are scored.
   --forms conversation  one question of every conversation form per scene (trainer/instructions.py),
-                        the image first or last at random like the data set; 1,500 scored, by form.
+                        the image first or last at random like the data set (the chat template puts
+                        it first either way); 1,500 scored, by form.
 
 What the decoder sees of the scene (--scene):
   tower         the frozen tower's layer -2 features of the rendered image (the real task);
