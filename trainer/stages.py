@@ -181,8 +181,8 @@ class StageConfig:
     # length is nearly a question form, and batches of one form teach nothing (docs/REPRODUCTION.md).
     group_by_length: bool = True
     # Start from a freshly initialised LLM and projector (the tower and tokenizer kept): from our small
-    # base LM and stage-1 projector the short answers stay at their most common value, from fresh ones
-    # they are learnt (docs/REPRODUCTION.md, "A short-question phase").
+    # base LM and stage-1 projector a short-question phase leaves the short answers at their most common
+    # value; from fresh ones it can learn them, though not reliably yet (docs/REPRODUCTION.md).
     fresh_llm: bool = False
 
 
