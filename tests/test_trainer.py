@@ -6,7 +6,6 @@ is trained once per session; the other tests start from its checkpoints.
 
 from __future__ import annotations
 
-from collections import Counter
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
