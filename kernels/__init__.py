@@ -2,6 +2,8 @@
 
     projector.py        fused_projector / fused_projector_ref: GEMM + bias + GELU, GEMM + bias,
                         rows scattered straight into the input-embedding buffer (linear variant too)
+    rmsnorm.py          add_rmsnorm / add_rmsnorm_ref: residual add fused with RMSNorm
+    swiglu.py           silu_mul / silu_mul_ref: silu(gate) * up from the fused gate/up projection
     rope_kv.py          rope_kv_write / rope_kv_write_ref: RoPE on q and k fused with the paged
                         KV-cache write through a slot mapping; rope_tables builds the cos/sin tables
     paged_attention.py  paged_decode_attention(_ref): decode over the paged cache, MHA/GQA,

@@ -124,23 +124,26 @@ if HAVE_TRITON:
             m, l, acc = _online_softmax_tile(q, m, l, acc, K, V, BT, b, kvh, n, nmask, nmask[None, :],
                                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_btb, scale_log2, page_size, D)
         if SPLIT:
-            # An empty range (past this sequence's end) leaves l == 0: log-sum-exp -inf, weight 0.
-            safe_l = tl.where(l > 0, l, 1.0)
-            lse = tl.where(l > 0, m + tl.log2(safe_l), float("-inf"))
+            # A range past this sequence's end writes nothing: the combine reads only the ranges
+            # that hold keys, so a launch sized for the model's whole context costs little more
+            # on a short one.
+            live = gmask & (start + g * 0 < ctx)  # a block (the interpreter rejects block & scalar masks)
+            lse = m + tl.log2(tl.where(l > 0, l, 1.0))
             base = b * s_pb + heads * s_ph + split * s_ps
-            tl.store(OP + base[:, None] + d[None, :], acc / safe_l[:, None], mask=gmask[:, None])
-            tl.store(LSEP + (b * s_pb + heads * s_ph) // D + split, lse, mask=gmask)
+            tl.store(OP + base[:, None] + d[None, :], acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
+            tl.store(LSEP + (b * s_pb + heads * s_ph) // D + split, lse, mask=live)
         else:
             tl.store(O + b * s_ob + heads[:, None] * s_oh + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty),
                      mask=gmask[:, None])
 
     @triton.jit
-    def _combine_kernel(OP, LSEP, O, s_pb, s_ph, s_ps, s_ob, s_oh, num_splits,
+    def _combine_kernel(OP, LSEP, CTX, O, s_pb, s_ph, s_ps, s_ob, s_oh, num_splits, split_len,
                         D: tl.constexpr, SPLITS_PAD: tl.constexpr):
         b, h = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, D)
-        smask = sp < num_splits
+        ctx = tl.load(CTX + b).to(tl.int32)
+        smask = (sp < num_splits) & (sp * split_len < ctx)
         lse = tl.load(LSEP + (b * s_pb + h * s_ph) // D + sp, mask=smask, other=float("-inf"))
         w = tl.exp2(lse - tl.max(lse, 0))
         w = tl.where(smask, w, 0.0)
@@ -195,12 +198,14 @@ def _check_cache(q, k_cache, v_cache):
     return bs, n_kv, d
 
 
-def default_num_splits(batch: int, kv_heads: int, max_context: int, target_programs: int = 264,
-                       min_tokens_per_split: int = 256) -> int:
-    """Splits so that batch * kv_heads * splits ~ target_programs (2 waves of an H100's 132 SMs),
-    but no split shorter than min_tokens_per_split. Depends on shapes only (CUDA-graph safe)."""
-    want = -(-target_programs // max(1, batch * kv_heads))
-    return max(1, min(want, -(-max_context // min_tokens_per_split), 64))
+def default_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int = 32, max_splits: int = 128) -> int:
+    """Flash-decoding splits from shapes alone (CUDA-graph safe). Ranges are short enough that a
+    512-token context still gives ~2 waves of programs on a 132-SM GPU (batch * kv_heads * 512 /
+    split_len ~ 264), never shorter than one key tile, and at most max_splits of them. Ranges
+    past a sequence's end exit at once and the combine skips them, so the decode graphs, sized
+    for the model's whole context, do not pay for it on short sequences."""
+    split_len = max(block_n, (2 * batch * kv_heads) // block_n * block_n)
+    return max(1, min(max_splits, -(-max_context // split_len)))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None, num_splits=None):
@@ -208,8 +213,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     b, hq, _ = q.shape
     out = torch.empty_like(q) if out is None else out
     max_context = block_tables.shape[1] * page
-    splits = num_splits or default_num_splits(b, n_kv, max_context)
     block_n = 16 if max_context <= 16 else 32 if d > 64 else 64
+    splits = num_splits or default_num_splits(b, n_kv, max_context, block_n)
     split_len = -(-(-(-max_context // splits)) // block_n) * block_n
     splits = -(-max_context // split_len)
     group = hq // n_kv
@@ -225,8 +230,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     _decode_kernel[(b, n_kv, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
                                       *strides, *out.stride()[:2], *part.stride()[:3], scale * LOG2E, page,
                                       split_len, SPLIT=True, **common)
-    _combine_kernel[(b, hq)](part, lse, out, *part.stride()[:3], *out.stride()[:2], splits, D=d,
-                             SPLITS_PAD=next_pow2(splits))
+    _combine_kernel[(b, hq)](part, lse, context_lens, out, *part.stride()[:3], *out.stride()[:2], splits, split_len,
+                             D=d, SPLITS_PAD=next_pow2(splits))
     return out
 
 

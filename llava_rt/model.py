@@ -170,6 +170,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            # One fused kernel instead of ~7 (H200, 4096 wide: 5.4 vs 11.7 us a row, 8 vs 49 us for
+            # 617 rows). It scales by the weight before rounding to x's dtype: within 1 ulp of the below.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -208,6 +212,10 @@ class PagedKV:
     # The Triton path (kernels/): cos/sin tables [max_positions, head_dim // 2] fp32 from
     # kernels.rope_kv.rope_tables. Set by the engine on CUDA (tests: CPU under TRITON_INTERPRET=1).
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Chunked prefill on the Triton path: each row's new-token count and first row, worked out
+    # by the first layer and reused by the others.
+    q_lens: torch.Tensor | None = None
+    q_start: torch.Tensor | None = None
 
 
 @dataclass
@@ -251,6 +259,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        # Set by fuse_projections: q/k/v as one matrix (buffers, so .to() moves them; not saved).
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x, cos, sin, positions, attention_mask, kv) -> torch.Tensor:
         b, t, _ = x.shape
@@ -317,19 +328,25 @@ class LlamaAttention(nn.Module):
 
         b, t, _ = x.shape
         k_cache, v_cache = kv.k_caches[self.layer_idx], kv.v_caches[self.layer_idx]
-        q = self.q_proj(x).view(b * t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).view(b * t, -1).split([nq, nkv, nkv], dim=-1)
+            q, k, v = (y.view(b * t, -1, self.head_dim) for y in (q, k, v))
+        else:
+            q = self.q_proj(x).view(b * t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
         cos, sin = kv.rope_tables
         q = rope_kv_write(q, k, v, positions.reshape(-1), cos, sin, k_cache, v_cache, kv.slot_mapping.reshape(-1))
         scale = self.head_dim**-0.5
         if t == 1:
             out = paged_decode_attention(q, k_cache, v_cache, kv.block_tables, kv.context_lens, scale)
         else:  # rows are padded to t; padding (slot -1) sits after each row's real tokens
-            q_lens = (kv.slot_mapping >= 0).sum(1)
-            q_start = torch.arange(b, device=x.device) * t
-            out = paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, q_start, q_lens, kv.context_lens, scale,
-                                          out=torch.zeros_like(q), max_q_len=t)
+            if kv.q_lens is None:
+                kv.q_lens = (kv.slot_mapping >= 0).sum(1)
+                kv.q_start = torch.arange(b, device=x.device) * t
+            out = paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, kv.q_start, kv.q_lens, kv.context_lens,
+                                          scale, out=torch.zeros_like(q), max_q_len=t)
         return out.view(b, t, -1)
 
     def _dense(self, q, k, v, kv: DenseKV):
@@ -352,8 +369,17 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        # Set by fuse_projections: gate and up as one matrix (buffers, so .to() moves them; not saved).
+        self.register_buffer("gate_up_weight", None, persistent=False)
+        self.register_buffer("gate_up_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            from llava_rt.kernels import kernels_usable
+            from llava_rt.kernels.swiglu import silu_mul, silu_mul_ref
+
+            gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+            return self.down_proj(silu_mul(gate_up) if kernels_usable(gate_up) else silu_mul_ref(gate_up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -380,6 +406,8 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds, positions, attention_mask=None, kv=None) -> torch.Tensor:
+        if isinstance(kv, PagedKV) and kv.rope_tables is not None:
+            return self._forward_kernels(inputs_embeds, positions, kv)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
@@ -388,6 +416,23 @@ class LlamaModel(nn.Module):
             else:
                 x = layer(x, cos, sin, positions, attention_mask, kv)
         return self.norm(x)
+
+    def _forward_kernels(self, inputs_embeds, positions, kv: PagedKV) -> torch.Tensor:
+        """The same layers on the Triton path: each residual add is fused with the RMSNorm after
+        it (kernels/rmsnorm.py), and RoPE happens inside the cache write (no cos/sin here)."""
+        from llava_rt.kernels.rmsnorm import add_rmsnorm
+
+        residual = inputs_embeds.contiguous()  # the residual stream (a fresh tensor), updated in place
+        delta = None  # what the last MLP adds to it
+        for layer in self.layers:
+            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            if delta is None:
+                x = add_rmsnorm(residual, None, norm1.weight, norm1.eps)
+            else:
+                x = add_rmsnorm(delta, residual, norm1.weight, norm1.eps)
+            x = add_rmsnorm(layer.self_attn(x, None, None, positions, None, kv), residual, norm2.weight, norm2.eps)
+            delta = layer.mlp(x)
+        return add_rmsnorm(delta, residual, self.norm.weight, self.norm.eps)
 
 
 # ----------------------------------------------------------------------------- LLaVA
@@ -474,6 +519,36 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum of outputs, in] matrix (and bias) for linears that read the same input. Each
+    linear's parameters become views into it, so memory is not doubled and state_dict() keeps
+    its names and values."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]
+        if has_bias:
+            lin.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
+@torch.no_grad()
+def fuse_projections(model: LlavaForConditionalGeneration) -> None:
+    """Inference only: each decoder layer's q/k/v and gate/up projections as one GEMM each. On an
+    H200 at batch 1 (LLaVA-1.5-7B shapes, fp16) q/k/v take 27 instead of 41 us and gate/up + SiLU
+    48 instead of 53 us; in prefill there are fewer launches to wait on. The engine calls it on the
+    Triton path; the fused matrices are non-persistent buffers, never saved. (A later .to() moves
+    the views and the buffers apart: right values, one more copy of these weights.)"""
+    for layer in model.language_model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.qkv_weight, a.qkv_bias = _fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+        m.gate_up_weight, m.gate_up_bias = _fuse_linears([m.gate_proj, m.up_proj])
 
 
 def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:

@@ -1,4 +1,5 @@
-"""CUDA graphs of the torch engine's decode step, one per batch-size bucket.
+"""CUDA graphs of the torch engine: the decode step, one per batch-size bucket; and the vision
+tower, one per number of images.
 
 A decode step of a 7B model is ~1,000 kernel launches; at batch 1 launching them from Python
 costs more than the ~5 ms the GPU needs. Each bucket's step is captured once and replayed:
@@ -94,3 +95,42 @@ class DecodeGraphs:
         else:
             logits = self._step(bs)
         return logits[:n].float().cpu().numpy()
+
+
+class EncodeGraphs:
+    """The vision tower as a CUDA graph per input shape (number of images), captured on first use
+    for up to max_images images; more run eagerly. CLIP ViT-L/336 is ~700 small launches: eager,
+    an H200 waited 12 ms on Python for 2 ms of GPU work. Each call's output is a fresh tensor
+    (the engine caches encodings, and the next replay overwrites the graph's own output)."""
+
+    def __init__(self, fn, max_images: int = 8):
+        self.fn, self.max_images = fn, max_images
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def _capture(self, pixels: torch.Tensor) -> None:
+        static_in = pixels.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the capture (library handles, autotuning)
+                self.fn(static_in)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                static_out = self.fn(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.graphs[tuple(pixels.shape)] = (graph, static_in, static_out)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] > self.max_images:
+            return self.fn(pixels)
+        if tuple(pixels.shape) not in self.graphs:
+            self._capture(pixels)
+        graph, static_in, static_out = self.graphs[tuple(pixels.shape)]
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out.clone()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from llava_rt.checkpoint import load_model
-from llava_rt.model import LlavaForConditionalGeneration, PagedKV, VisionFeatures
+from llava_rt.model import LlavaForConditionalGeneration, PagedKV, VisionFeatures, fuse_projections
 
 from .engine import SequenceInput
 from .kv_cache import BlockAllocator, CacheFullError
@@ -84,6 +84,7 @@ class TorchEngine:
             from llava_rt.kernels.rope_kv import rope_tables
 
             self.rope_tables = rope_tables(self.max_context, text.head_dim, text.rope_theta, self.device)
+            fuse_projections(self.model)
         # Decode through static buffers at batch-size buckets, replayed as CUDA graphs on CUDA
         # (None = on CUDA with the kernels). True on the CPU runs the same buffers eagerly (tests).
         self.max_num_seqs = max_num_seqs
@@ -94,6 +95,16 @@ class TorchEngine:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda")
+        # The vision tower as CUDA graphs too, wherever the decode step is one; one image's is
+        # captured now, so a server's first request does not pay for it.
+        self.encode_graphs = None
+        if self.graphs is not None and self.graphs.capture:
+            from .cuda_graphs import EncodeGraphs
+
+            vc = self.config.vision_config
+            self.encode_graphs = EncodeGraphs(self.model.vision_features if use_kernels else self.model.encode_images)
+            self.encode_graphs(torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.dtype,
+                                           device=self.device))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", onednn: bool | None = None,
@@ -123,6 +134,9 @@ class TorchEngine:
     @torch.inference_mode()
     def encode_images(self, pixel_values: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        if self.encode_graphs is not None:
+            out = self.encode_graphs(pixels)
+            return VisionFeatures(out) if self.use_kernels else out
         if self.use_kernels:  # projected later, straight into the prompt's image-token rows
             return VisionFeatures(self.model.vision_features(pixels))
         return self.model.encode_images(pixels)

@@ -26,7 +26,9 @@ from llava_rt.kernels.paged_attention import (  # noqa: E402
     paged_prefill_attention_ref,
 )
 from llava_rt.kernels.projector import fused_projector, fused_projector_ref  # noqa: E402
+from llava_rt.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref  # noqa: E402
 from llava_rt.kernels.rope_kv import rope_kv_write, rope_kv_write_ref, rope_tables  # noqa: E402
+from llava_rt.kernels.swiglu import silu_mul, silu_mul_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # bf16 in the interpreter goes through numpy emulation; it is covered on the GPU.
@@ -70,6 +72,20 @@ def test_paged_decode_attention(case, dtype):
     got = paged_decode_attention(q, k, v, tables, ctx, d**-0.5, out=torch.full_like(q, float("nan")), num_splits=splits)
     assert_close(got, want, dtype)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_decode_attention_table_wider_than_the_contexts(dtype):
+    """The decode graphs' layout: block tables as wide as the model's context (here 64 blocks of
+    16), contexts far shorter, default splits. Most ranges hold no keys; they must not count."""
+    gen = torch.Generator().manual_seed(7)
+    k, v, tables, ctx = make_cache(3, 2, 64, 16, [40, 1, 170], dtype, gen, spare_blocks=64)
+    wide = torch.randint(0, k.shape[0], (3, 64), generator=gen).to(DEVICE)
+    wide[:, : tables.shape[1]] = tables
+    q = torch.randn(3, 8, 64, generator=gen).to(DEVICE, dtype)
+    want = paged_decode_attention_ref(q, k, v, tables, ctx, 0.125)
+    got = paged_decode_attention(q, k, v, wide, ctx, 0.125, out=torch.full_like(q, float("nan")))
+    assert_close(got, want, dtype)
 
 # (q heads, kv heads, head_dim, block_size, new queries per sequence, context lengths after them)
 PREFILL_CASES = [
@@ -161,3 +177,31 @@ def test_fused_projector(case, dtype):
     if two:  # no bias on the second layer, as with multimodal_projector_bias=False
         want = fused_projector_ref(x, w1, None, w2, None, act, embeds.clone(), rows)
         assert_close(fused_projector(x, w1, None, w2, None, act, poisoned, rows), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width,with_residual", [(1, 64, True), (7, 96, True), (5, 64, False)])
+def test_add_rmsnorm(rows, width, with_residual, dtype):
+    """The residual becomes x + residual in place; out is RMSNorm of it (a width that is not a power of 2 too)."""
+    gen = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, width, generator=gen).to(DEVICE, dtype)
+    residual = torch.randn(rows, width, generator=gen).to(DEVICE, dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(width, generator=gen)).to(DEVICE, dtype)
+    before = None if residual is None else residual.clone()
+    want_residual = None if residual is None else residual.clone()
+    want = add_rmsnorm_ref(x, want_residual, weight, 1e-5)
+    got = add_rmsnorm(x, residual, weight, 1e-5, out=torch.full_like(x, float("nan")))
+    assert_close(got, want, dtype)
+    if with_residual:
+        assert_close(residual, (x.float() + before.float()).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,inner", [(1, 48), (3, 1100)])
+def test_silu_mul(rows, inner, dtype):
+    """silu(gate) * up from [gate | up] rows; 1100 columns span two program blocks."""
+    gen = torch.Generator().manual_seed(rows + inner)
+    gate_up = (2 * torch.randn(rows, 2 * inner, generator=gen)).to(DEVICE, dtype)
+    want = silu_mul_ref(gate_up)
+    got = silu_mul(gate_up, out=torch.full((rows, inner), float("nan"), dtype=dtype, device=DEVICE))
+    assert_close(got, want, dtype)

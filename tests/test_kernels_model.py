@@ -21,6 +21,7 @@ from llava_rt.model import (  # noqa: E402
     Projector,
     VisionFeatures,
     apply_rope,
+    fuse_projections,
     init_weights,
     rope_cos_sin,
 )
@@ -123,6 +124,29 @@ def tiny_model():
     return model.to(DEVICE).eval()
 
 
+def test_fuse_projections_keeps_the_weights_and_the_output():
+    """q/k/v and gate/up become views into one matrix each: same state_dict, same logits."""
+    model = LlavaForConditionalGeneration(tiny_config(num_kv_heads=2))
+    init_weights(model, seed=3, std=0.2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        fuse_projections(model)
+        got = model(ids)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    layer = model.language_model.layers[0]
+    qkv = layer.self_attn.qkv_weight
+    assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.shape[0]:].data_ptr()
+    assert layer.mlp.gate_up_weight.shape[0] == 2 * layer.mlp.up_proj.weight.shape[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    moved = model.to(torch.float64)  # .to() carries the fused matrices along
+    with torch.no_grad():
+        torch.testing.assert_close(moved(ids).float(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_engine_kernel_path_matches_torch_path(tiny_model):
     """Greedy tokens and logits of the kernel path equal the torch path (fp32): images, text-only,
     a batch of mixed lengths, chunked prefill, 8 decode steps; and again through the static decode
@@ -178,3 +202,19 @@ def test_cuda_engine_matches_cpu_fp32(tiny_model):
         req = GenerationRequest(ids, engine.encode_images(pixels), SamplingParams(max_new_tokens=16))
         outs.append(generate(engine, [req], eos_token_ids=set())[0].token_ids)
     assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
+def test_cuda_encode_graphs_match_eager(tiny_model):
+    """The vision tower's CUDA graphs give the eager tower's features, and a replay does not
+    overwrite what an earlier call returned (the engine caches encodings)."""
+    engine = TorchEngine(tiny_model, block_size=16, kv_cache_bytes=1 << 22)
+    assert engine.encode_graphs is not None
+    gen = torch.Generator().manual_seed(9)
+    inputs = [torch.randn(n, 3, 28, 28, generator=gen).numpy() for n in (1, 1, 2)]
+    got = [engine.encode_images(x).features for x in inputs]
+    with torch.inference_mode():
+        for x, g in zip(inputs, got):
+            want = tiny_model.vision_features(torch.from_numpy(x).to(DEVICE, engine.dtype))
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])
