@@ -4,11 +4,13 @@
     python benchmarks/bench_gpu_e2e.py --smoke         # CPU, the tiny preset, fp32: checks the script runs
 
 Random weights (normal, std 0.02) are made directly on the device, in transformers' model, and
-our model takes the very same tensors (no checkpoint is written, no second copy). Both sides get
+our model takes the very same tensors (no checkpoint is written, no second copy). transformers
+runs first; then its model is dropped, so ours holds the weights alone (its peak memory is its own). Both sides get
 the same ids: BOS + 576 image tokens + 40 text tokens, greedy, EOS ignored.
 
     decode_ms_per_token   batch 1, median step time of --new-tokens steps after the first token
     ttft_ms               1 image + 40 text tokens: image encoding + prefill + the first token
+    encode_ms, prefill_ms ours: the two halves of that, timed apart (a sync between them)
     tok_s_32              --concurrent requests at once, generated tokens / wall time (prefill included)
     peak_mem_GiB          torch.cuda.max_memory_allocated over that side's runs (weights included)
 """
@@ -16,6 +18,7 @@ the same ids: BOS + 576 image tokens + 40 text tokens, greedy, EOS ignored.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -105,6 +108,19 @@ def run_ours(engine, cfg, args, pixels) -> dict:
 
     one()  # warm-up (Triton compiles)
     runs = [one() for _ in range(args.repeats)]
+    from llava_rt.runtime.engine import SequenceInput
+
+    def split_ttft():  # the same TTFT with a sync between its two halves
+        sync()
+        t0 = time.perf_counter()
+        emb = engine.encode_images(pixels[:1])
+        sync()
+        t1 = time.perf_counter()
+        engine.prefill([SequenceInput(0, ids, emb)])
+        t2 = time.perf_counter()
+        engine.release(0)
+        return t1 - t0, t2 - t1
+    halves = [split_ttft() for _ in range(args.repeats)]
     emb = engine.encode_images(pixels)
     reqs = [GenerationRequest(prompt(cfg, args.text_tokens, i), emb[i % len(pixels) : i % len(pixels) + 1],
                               SamplingParams(max_new_tokens=args.batch_new_tokens, ignore_eos=True))
@@ -116,6 +132,7 @@ def run_ours(engine, cfg, args, pixels) -> dict:
     sync()
     total = time.perf_counter() - t0
     return {"ttft_ms": median([r[0] for r in runs]) * 1e3, "decode_ms_per_token": median([r[1] for r in runs]) * 1e3,
+            "encode_ms": median([h[0] for h in halves]) * 1e3, "prefill_ms": median([h[1] for h in halves]) * 1e3,
             "tok_s_concurrent": sum(len(o.token_ids) for o in outs) / total, "tokens": runs[0][2]}
 
 
@@ -144,6 +161,10 @@ def run_transformers(hf, cfg, args, pixels, dev) -> dict:
             "tokens": out[0, ids.shape[1]:].tolist()}
 
 
+def rounded(r: dict) -> dict:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32: checks the script runs")
@@ -167,32 +188,28 @@ def main() -> None:
     size = cfg.vision_config.image_size
     pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     rows = []
-    sides = [("llava-rt torch", None)] + ([] if args.no_transformers else [("transformers eager generate", None)])
-    for name, _ in sides:
+    if not args.no_transformers:  # first, so that ours then holds the weights alone
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        if name.startswith("llava-rt"):
-            # transformers' copy waits on the host meanwhile: ours gets its own fused q/k/v and
-            # gate/up matrices, and the peak memory is then ours alone.
-            hf.to("cpu")
-            engine = TorchEngine(ours, block_size=16, kv_cache_bytes=(16 << 30) if cuda else (64 << 20),
-                                 max_num_seqs=max(args.concurrent, 1))
-            setup_s = time.perf_counter() - t0
-            r = run_ours(engine, cfg, args, pixels.numpy())
-            r.update(kernels=engine.use_kernels, cuda_graphs=engine.graphs is not None and engine.graphs.capture,
-                     setup_s=round(setup_s, 1))
-        else:
-            hf.to(dev)
-            r = run_transformers(hf, cfg, args, pixels.to(dev, dtype), dev)
+        r = run_transformers(hf, cfg, args, pixels.to(dev, dtype), dev)
         if cuda:
             r["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append({"engine": name, **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}})
-        if name.startswith("llava-rt"):
-            del engine, ours
-            if cuda:
-                torch.cuda.empty_cache()
+        rows.append({"engine": "transformers eager generate", **rounded(r)})
+    del hf
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = TorchEngine(ours, block_size=16, kv_cache_bytes=(16 << 30) if cuda else (64 << 20),
+                         max_num_seqs=max(args.concurrent, 1))
+    setup_s = time.perf_counter() - t0
+    r = run_ours(engine, cfg, args, pixels.numpy())
+    r.update(kernels=engine.use_kernels, cuda_graphs=engine.graphs is not None and engine.graphs.capture,
+             setup_s=round(setup_s, 1))
+    if cuda:
+        r["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    rows.insert(0, {"engine": "llava-rt torch", **rounded(r)})
     if len(rows) == 2:
         a, b = rows[0]["tokens"], rows[1]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

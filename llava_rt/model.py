@@ -547,6 +547,8 @@ def fuse_projections(model: LlavaForConditionalGeneration) -> None:
     the views and the buffers apart: right values, one more copy of these weights.)"""
     for layer in model.language_model.layers:
         a, m = layer.self_attn, layer.mlp
+        if a.qkv_weight is not None:  # already fused: CUDA graphs of an earlier engine may read these
+            continue
         a.qkv_weight, a.qkv_bias = _fuse_linears([a.q_proj, a.k_proj, a.v_proj])
         m.gate_up_weight, m.gate_up_bias = _fuse_linears([m.gate_proj, m.up_proj])
 

@@ -141,6 +141,8 @@ def test_fuse_projections_keeps_the_weights_and_the_output():
     qkv = layer.self_attn.qkv_weight
     assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.shape[0]:].data_ptr()
     assert layer.mlp.gate_up_weight.shape[0] == 2 * layer.mlp.up_proj.weight.shape[0]
+    fuse_projections(model)  # a second engine on the same model: the first one's graphs keep their tensors
+    assert layer.self_attn.qkv_weight is qkv
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     moved = model.to(torch.float64)  # .to() carries the fused matrices along
     with torch.no_grad():
