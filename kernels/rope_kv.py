@@ -1,11 +1,12 @@
 """RoPE on q and k fused with the paged KV-cache write: one pass over the new tokens.
 
-    rope_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None) -> q_out
+    rope_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None, k_out=None) -> q_out
         q [N, Hq, D], k/v [N, Hkv, D] (token-major; views of the qkv projection are fine: only the
         last dimension must be contiguous), positions [N], slot_mapping [N] (flat cache slot
         block * block_size + offset; -1 = padding, not stored). Rotated q goes to q_out; rotated k
-        and v go to the caches [num_blocks, block_size, Hkv, D]. Nothing else is written: k is
-        read back from the cache by the attention kernels.
+        and v go to the caches [num_blocks, block_size, Hkv, D]; with k_out ([N, Hkv, D], may be k
+        itself) the rotated k of each stored token goes there too, for attention that reads this
+        step's keys directly (a whole prompt through SDPA). Nothing else is written.
 
 The rotation is the rotate-half convention of transformers' Llama and `llava_rt.model.apply_rope`:
 out = x * cos + cat(-x2, x1) * sin. cos/sin come from `rope_tables`, [max_positions, D/2] fp32
@@ -27,7 +28,7 @@ def rope_tables(max_positions: int, head_dim: int, theta: float, device=None) ->
     return freqs.cos().contiguous(), freqs.sin().contiguous()
 
 
-def rope_kv_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None):
+def rope_kv_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None, k_out=None):
     def rotate(x):
         c, s = cos[positions][:, None].float(), sin[positions][:, None].float()
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -38,7 +39,10 @@ def rope_kv_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mappi
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     n_kv, d = k_cache.shape[2:]
-    k_cache.view(-1, n_kv, d).index_copy_(0, slots, rotate(k)[keep].to(k_cache.dtype))
+    k_rot = rotate(k)
+    if k_out is not None:
+        k_out[keep] = k_rot[keep].to(k_out.dtype)
+    k_cache.view(-1, n_kv, d).index_copy_(0, slots, k_rot[keep].to(k_cache.dtype))
     v_cache.view(-1, n_kv, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
     return q_out
 
@@ -47,9 +51,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kv_kernel(
-        Q, K, V, POS, COS, SIN, KC, VC, SLOT, QO,
-        s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh, s_kcs, s_kch, s_vcs, s_vch, s_cos,
+        Q, K, V, POS, COS, SIN, KC, VC, SLOT, QO, KO,
+        s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh, s_kcs, s_kch, s_vcs, s_vch, s_cos, s_kot, s_koh,
         HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
+        K_OUT: tl.constexpr,
     ):
         t = tl.program_id(0)
         pos = tl.load(POS + t).to(tl.int64)
@@ -71,9 +76,13 @@ if HAVE_TRITON:
         mk = (hk < HKV) & (tl.zeros([1, HALF], tl.int64) + slot >= 0)
         x1 = tl.load(K + t * s_kt + hk * s_kh + i[None, :], mask=mk, other=0.0).to(tl.float32)
         x2 = tl.load(K + t * s_kt + hk * s_kh + HALF + i[None, :], mask=mk, other=0.0).to(tl.float32)
-        ko = KC + slot * s_kcs + hk * s_kch + i[None, :]
-        tl.store(ko, (x1 * c - x2 * s).to(KC.dtype.element_ty), mask=mk)
-        tl.store(ko + HALF, (x2 * c + x1 * s).to(KC.dtype.element_ty), mask=mk)
+        kc = KC + slot * s_kcs + hk * s_kch + i[None, :]
+        tl.store(kc, (x1 * c - x2 * s).to(KC.dtype.element_ty), mask=mk)
+        tl.store(kc + HALF, (x2 * c + x1 * s).to(KC.dtype.element_ty), mask=mk)
+        if K_OUT:
+            ko = KO + t * s_kot + hk * s_koh + i[None, :]
+            tl.store(ko, (x1 * c - x2 * s).to(KO.dtype.element_ty), mask=mk)
+            tl.store(ko + HALF, (x2 * c + x1 * s).to(KO.dtype.element_ty), mask=mk)
         v1 = tl.load(V + t * s_vt + hk * s_vh + i[None, :], mask=mk, other=0.0)
         v2 = tl.load(V + t * s_vt + hk * s_vh + HALF + i[None, :], mask=mk, other=0.0)
         vo = VC + slot * s_vcs + hk * s_vch + i[None, :]
@@ -81,12 +90,14 @@ if HAVE_TRITON:
         tl.store(vo + HALF, v2.to(VC.dtype.element_ty), mask=mk)
 
 
-def rope_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None):
+def rope_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out=None, k_out=None):
     n, hq, d = q.shape
     n_kv = k.shape[1]
     if k_cache.shape[2:] != (n_kv, d) or v_cache.shape != k_cache.shape or d % 2 or next_pow2(d // 2) != d // 2:
         raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, k_cache {tuple(k_cache.shape)}")
-    for t in (q, k, v, k_cache, v_cache, cos, sin):
+    if k_out is not None and k_out.shape != k.shape:
+        raise ValueError(f"k_out {tuple(k_out.shape)} must have k's shape {tuple(k.shape)}")
+    for t in (q, k, v, k_cache, v_cache, cos, sin) + (() if k_out is None else (k_out,)):
         if t.stride(-1) != 1:
             raise ValueError("the last dimension of every tensor must be contiguous")
     if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1) or v_cache.stride(0) != v_cache.shape[1] * v_cache.stride(1):
@@ -94,9 +105,11 @@ def rope_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, 
     q_out = torch.empty_like(q) if q_out is None else q_out
     if n == 0:
         return q_out
-    _rope_kv_kernel[(n,)](q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out,
+    ko = q_out if k_out is None else k_out  # any tensor when unused
+    _rope_kv_kernel[(n,)](q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out, ko,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
-                          v_cache.stride(1), v_cache.stride(2), cos.stride(0),
-                          HQ=hq, HKV=n_kv, HQ_PAD=next_pow2(hq), HKV_PAD=next_pow2(n_kv), HALF=d // 2)
+                          v_cache.stride(1), v_cache.stride(2), cos.stride(0), ko.stride(0), ko.stride(1),
+                          HQ=hq, HKV=n_kv, HQ_PAD=next_pow2(hq), HKV_PAD=next_pow2(n_kv), HALF=d // 2,
+                          K_OUT=k_out is not None)
     return q_out

@@ -216,6 +216,10 @@ class PagedKV:
     # by the first layer and reused by the others.
     q_lens: torch.Tensor | None = None
     q_start: torch.Tensor | None = None
+    # No sequence has cached tokens before this step (whole prompts): the Triton path's attention
+    # then reads this step's keys directly with SDPA (flash attention on CUDA), which beat the paged
+    # prefill kernel 19 vs 35 us at 616 tokens on an H200 (benchmarks/RESULTS.md).
+    prefix_free: bool = False
 
 
 @dataclass
@@ -337,8 +341,15 @@ class LlamaAttention(nn.Module):
             k = self.k_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(b * t, self.num_kv_heads, self.head_dim)
         cos, sin = kv.rope_tables
-        q = rope_kv_write(q, k, v, positions.reshape(-1), cos, sin, k_cache, v_cache, kv.slot_mapping.reshape(-1))
+        whole = t > 1 and kv.prefix_free
+        q = rope_kv_write(q, k, v, positions.reshape(-1), cos, sin, k_cache, v_cache, kv.slot_mapping.reshape(-1),
+                          k_out=k if whole else None)
         scale = self.head_dim**-0.5
+        if whole:  # padding sits after each row's tokens, so causal attention never reaches it
+            q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+            return out.transpose(1, 2).reshape(b, t, -1)
         if t == 1:
             out = paged_decode_attention(q, k_cache, v_cache, kv.block_tables, kv.context_lens, scale)
         else:  # rows are padded to t; padding (slot -1) sits after each row's real tokens
@@ -542,7 +553,8 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 def fuse_projections(model: LlavaForConditionalGeneration) -> None:
     """Inference only: each decoder layer's q/k/v and gate/up projections as one GEMM each. On an
     H200 at batch 1 (LLaVA-1.5-7B shapes, fp16) q/k/v take 27 instead of 41 us and gate/up + SiLU
-    48 instead of 53 us; in prefill there are fewer launches to wait on. The engine calls it on the
+    48 instead of 53 us (benchmarks/bench_fusions.py). At 617 rows (a prompt) the fused gate/up
+    GEMM measured slower, 204 vs 187 us with the SiLU: a per-shape choice is still to be made. The engine calls it on the
     Triton path; the fused matrices are non-persistent buffers, never saved. (A later .to() moves
     the views and the buffers apart: right values, one more copy of these weights.)"""
     for layer in model.language_model.layers:

@@ -206,7 +206,7 @@ class TorchEngine:
             return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
-                     rope_tables=self.rope_tables)
+                     rope_tables=self.rope_tables, prefix_free=bool((positions[:, 0] == 0).all()))
         last = as_tensor(np.array([len(x) - 1 for x in token_lists], dtype=np.int64))
         logits = self.model(as_tensor(ids), positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
         return logits.float().cpu().numpy()

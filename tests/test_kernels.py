@@ -146,6 +146,12 @@ def test_rope_kv_write(heads, dtype):
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     untouched[written] = False
     assert torch.isnan(flat[2][untouched]).all() and torch.isnan(flat[3][untouched]).all()
+    # k_out = k: the rotated keys of the stored tokens also land in place (padding rows keep theirs).
+    want_k, got_k = k.clone(), k.clone()
+    rope_kv_write_ref(q, k, v, positions, cos, sin, caches[0], caches[1], slots, k_out=want_k)
+    rope_kv_write(q, got_k, v, positions, cos, sin, caches[2], caches[3], slots, k_out=got_k)
+    assert_close(got_k, want_k, dtype)
+    assert torch.equal(got_k[slots < 0], k[slots < 0]) and not torch.allclose(got_k[slots >= 0], k[slots >= 0])
 
 
 # (feature rows, vision width, text width, activation, two layers)
