@@ -23,34 +23,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_json  # noqa: E402
+from common import cuda_graph_seconds, write_json  # noqa: E402
 
 from llava_rt.model import RMSNorm  # noqa: E402
 
 
-def graph_us(fn, iters: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters * 1e3)
-    return median(times)
+def graph_us(fn) -> float:
+    return cuda_graph_seconds(fn, calls=50) * 1e6
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_table, write_json  # noqa: E402
+from common import cuda_graph_seconds, median, print_table, write_json  # noqa: E402
 
 from llava_rt.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention,
@@ -45,36 +45,12 @@ from llava_rt.kernels.swiglu import silu_mul, silu_mul_ref  # noqa: E402
 EAGER = []  # what had to be timed with launches included (could not be captured)
 
 
-def graph_seconds(fn, calls: int = 20, reps: int = 5) -> float:
-    """Median GPU seconds of one fn() call, from a CUDA graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture: compiles, autotunes
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return median(times)
-
-
 def bench(fn, reps: int, eager: str = "") -> float:
     """Median seconds of fn(): GPU time from a CUDA graph on CUDA (eager=NAME for a function that
     syncs with the host, which no graph can hold: then timed with its launches), wall time on the CPU."""
     if torch.cuda.is_available():
         if not eager:
-            return graph_seconds(fn)
+            return cuda_graph_seconds(fn)
         EAGER.append(eager)
         from triton.testing import do_bench
 
