@@ -86,13 +86,18 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
 
     out = tmp_path / "conversation-only"
     report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["conversation"],
-                        short_phase=True)
+                        short_phase=False)
     assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
-    # --short-phase: the short questions first, from stage 1, then stage 2 from where they left off.
-    assert report["stage2_short"]["samples"] == len(json.loads((out / "short.json").read_text()))
-    curve = losses(out / "stage2-short" / "metrics.jsonl")
+    # --no-short-phase: stage 2 straight from stage 1, on the mix alone, for 4 epochs.
+    assert "stage2_short" not in report and not (out / "short.json").exists()
+    assert report["config"]["short_phase"] is None and report["config"]["stage2"]["epochs"] == 4
+    # The smoke run itself has the phase (the default): the short questions first, then stage 2.
+    full = json.loads((smoke / "report.json").read_text())
+    assert full["stage2_short"]["samples"] == len(json.loads((smoke / "short.json").read_text()))
+    curve = losses(smoke / "stage2-short" / "metrics.jsonl")
     assert curve[-1] < 0.7 * curve[0], curve
-    assert report["config"]["stage2"]["epochs"] == 2 and report["config"]["short_phase"]["group_by_length"] is False
+    assert full["config"]["stage2"]["epochs"] == 2 and full["config"]["short_phase"]["group_by_length"] is False
+    assert full["config"]["short_phase"]["max_grad_norm"] == 0.0
     assert not (out / "data").exists() and not (out / "base").exists()
     kinds = [s["type"] for s in json.loads((smoke / "data" / "instruct.json").read_text())]
     assert report["stage2"]["samples"] + report["stage2"]["rejected"] == kinds.count("conversation") < len(kinds)

@@ -1,6 +1,6 @@
 """llava-train: reproduce both LLaVA training stages.
 
-    llava-train recipe OUT [--preset default|smoke] [--ship models/llava-rt-default]
+    llava-train recipe OUT [--preset default|smoke] [--ship models/llava-rt-default] [--no-short-phase]
     llava-train data OUT --train N --eval M
     llava-train base DATA OUT [--preset default|smoke]
     llava-train build --vision-tower DIR --llm DIR --tokenizer DIR --out DIR
@@ -46,6 +46,7 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
                    help="plain shuffled batches instead of batches of similar length")
     p.add_argument("--fresh-llm", action="store_true",
                    help="start from a freshly initialised LLM and projector (the tower and tokenizer kept)")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0: none")
     _precision_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
 
@@ -67,9 +68,9 @@ def parse(argv):
     r.add_argument("--ship", type=Path, help="copy the final model here (e.g. models/llava-rt-default)")
     r.add_argument("--feature-layer", type=int, default=None, help="ablation: vision feature layer (-1 or -2)")
     r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
-    r.add_argument("--short-phase", action="store_true",
-                   help="experiment: open stage 2 with short single-turn questions from a fresh LLM and "
-                        "projector, then 2 epochs of the mix (docs/REPRODUCTION.md)")
+    r.add_argument("--no-short-phase", action="store_true",
+                   help="ablation: stage 2 as the paper has it, the instruction mix alone for 4 epochs, without "
+                        "the short-question phase from a fresh LLM and projector (docs/REPRODUCTION.md)")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
     _precision_arg(r)
@@ -121,7 +122,7 @@ def run(args) -> int:
             s1.epochs = 0.0
             overrides["stage1"] = s1
         report = run_recipe(args.out, args.preset, args.ship, reuse=args.reuse, stage2_types=args.stage2_types,
-                            short_phase=args.short_phase, **overrides)
+                            short_phase=not args.no_short_phase, **overrides)
         scores = {k: v for k, v in report["eval"].items() if k != "misses"}  # the misses are in OUT/report.json
         print(json.dumps({"eval": scores, "timings": {k: round(v, 1) for k, v in report["timings"].items()}}, indent=2))
     elif args.cmd == "data":
@@ -148,7 +149,7 @@ def run(args) -> int:
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
                          tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
                          compile=args.compile, group_by_length=not args.no_group_by_length,
-                         fresh_llm=args.fresh_llm)
+                         fresh_llm=args.fresh_llm, max_grad_norm=args.max_grad_norm)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -184,6 +184,7 @@ class StageConfig:
     # base LM and stage-1 projector a short-question phase leaves the short answers at their most common
     # value; from fresh ones it can learn them, though not reliably yet (docs/REPRODUCTION.md).
     fresh_llm: bool = False
+    max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
 
 
 def run_stage(
@@ -243,7 +244,7 @@ def run_stage(
     cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
-                      precision=sc.precision, compile=sc.compile,
+                      precision=sc.precision, compile=sc.compile, max_grad_norm=sc.max_grad_norm,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples]) if sc.group_by_length else None
