@@ -9,7 +9,11 @@
 # Steps (each logged to NAME.log; a failed step does not stop the later ones, the exit code says
 # whether all passed):
 #   install   pip install -e . without dependencies (the machine is offline; torch, triton,
-#             transformers are already there), plus the server's wheels from .whl/ if carried
+#             transformers are already there), plus the server's wheels from .whl/ if carried:
+#             fastapi, starlette, pydantic(-core), annotated-types, typing-inspection,
+#             typing-extensions, opentelemetry-api, uvicorn, fetched beforehand with
+#             `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+#             manylinux2014_x86_64 -d .whl NAME==VERSION` (the versions the venv has; .whl/ is ignored)
 #   env       GPU, driver, versions
 #   tests     the kernel tests and the engine's kernel path on the GPU, plus the engine tests
 #   e2e       benchmarks/bench_gpu_e2e.py     -> e2e-gpu.json (LLaVA-1.5-7B shapes, fp16)
