@@ -5,7 +5,8 @@ data for CI. Hyper-parameters are the paper's where they carry over, scaled for 
 few million parameters trained from scratch on a 2-core CPU:
 
     paper stage 1: lr 2e-3, batch 128, 1 epoch          -> lr 2e-3, batch 64, 1 epoch
-    paper stage 2: lr 2e-5, batch 32, 3 epochs          -> lr 1e-3, batch 32, 4 epochs (3 samples per image)
+    paper stage 2: lr 2e-5, batch 32, 3 epochs          -> the short-question phase below, then lr 1e-3,
+                                                           batch 32, 2 epochs (3 samples per image)
     both: Adam(W) without weight decay, cosine schedule, 3% warm-up (kept)
 
 Stage 2 opens (no paper counterpart) with a short-question phase: single-turn questions, one of
