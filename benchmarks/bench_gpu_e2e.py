@@ -32,6 +32,7 @@ from common import median, print_table, write_json  # noqa: E402
 from llava_rt.checkpoint import to_internal_name  # noqa: E402
 from llava_rt.model import LlavaForConditionalGeneration  # noqa: E402
 from llava_rt.random_checkpoint import preset  # noqa: E402
+from llava_rt.runtime.engine import SequenceInput  # noqa: E402
 from llava_rt.runtime.generate import GenerationRequest, generate  # noqa: E402
 from llava_rt.runtime.sampling import SamplingParams  # noqa: E402
 from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
@@ -93,8 +94,6 @@ def run_ours(engine, cfg, args, pixels) -> dict:
         sync()
         t0 = time.perf_counter()
         emb = engine.encode_images(pixels[:1])
-        from llava_rt.runtime.engine import SequenceInput
-
         tok = greedy(engine.prefill([SequenceInput(0, ids, emb)]))
         ttft = time.perf_counter() - t0
         steps, toks = [], [tok]
@@ -108,7 +107,6 @@ def run_ours(engine, cfg, args, pixels) -> dict:
 
     one()  # warm-up (Triton compiles)
     runs = [one() for _ in range(args.repeats)]
-    from llava_rt.runtime.engine import SequenceInput
 
     def split_ttft():  # the same TTFT with a sync between its two halves
         sync()

@@ -24,6 +24,24 @@ from llava_rt.model import PagedKV
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
 
+@torch.inference_mode()
+def capture_graph(fn, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn() captured as a CUDA graph in `pool`, on a side stream after two warm-up calls (Triton
+    compiles and autotunes, libraries make their handles, outside the capture): (graph, output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph, out
+
+
 class DecodeGraphs:
     def __init__(self, engine, buckets=DEFAULT_BUCKETS, capture: bool = True):
         self.engine, self.capture = engine, capture
@@ -53,19 +71,8 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         self._fill([], [], [], [], [])  # all rows dummy: nothing is written to the cache
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
-                for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
-                    self._step(bs)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[bs] = self._step(bs)
-                self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
+            self.graphs[bs], self.logits[bs] = capture_graph(lambda: self._step(bs), pool)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -108,20 +115,9 @@ class EncodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
-    @torch.inference_mode()
     def _capture(self, pixels: torch.Tensor) -> None:
         static_in = pixels.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the capture (library handles, autotuning)
-                self.fn(static_in)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                static_out = self.fn(static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        graph, static_out = capture_graph(lambda: self.fn(static_in), self.pool)
         self.graphs[tuple(pixels.shape)] = (graph, static_in, static_out)
 
     @torch.inference_mode()
