@@ -17,8 +17,9 @@
 #   env       GPU, driver, versions
 #   tests     the kernel tests and the engine's kernel path on the GPU, plus the engine tests
 #   e2e       benchmarks/bench_gpu_e2e.py     -> e2e-gpu.json (LLaVA-1.5-7B shapes, fp16)
-#   kernels   benchmarks/bench_kernels.py     -> kernels-gpu.json
 #   profile   benchmarks/profile_gpu.py       -> profile-gpu.json (phase times, top kernels)
+#   sweep     benchmarks/sweep_decode.py      -> sweep-decode-gpu.json (decode attention launch settings)
+#   kernels   benchmarks/bench_kernels.py     -> kernels-gpu.json
 #   serve     benchmarks/bench_serve.py       -> serve-gpu.json (issue 6: mid preset, fp16, HTTP sweep)
 # The device tool returns at most 8 files, so the logs travel as $OUT/suite.tgz (rewritten after
 # every step) beside the JSON files and summary.txt. Copy the JSON to benchmarks/results/ with the
@@ -92,8 +93,9 @@ nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1 || true
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE --junitxml="$WORK/tests.xml" \
     tests/test_kernels.py tests/test_kernels_model.py tests/test_engine.py
 step e2e 200 "$PY" benchmarks/bench_gpu_e2e.py "${bench_flag[@]}" --out "$OUT/e2e-$suffix.json"
-step kernels 100 "$PY" benchmarks/bench_kernels.py "${bench_flag[@]}" --out "$OUT/kernels-$suffix.json"
 step profile 60 "$PY" benchmarks/profile_gpu.py "${bench_flag[@]}" --out "$OUT/profile-$suffix.json"
+step sweep 90 "$PY" benchmarks/sweep_decode.py "${bench_flag[@]}" --out "$OUT/sweep-decode-$suffix.json"
+step kernels 100 "$PY" benchmarks/bench_kernels.py "${bench_flag[@]}" --out "$OUT/kernels-$suffix.json"
 step serve 150 "$PY" benchmarks/bench_serve.py "${serve_flags[@]}" --out "$OUT/serve-$suffix.json"
 
 cat "$OUT/summary.txt"

@@ -5,10 +5,14 @@
 
 Phases (1 image + 40 text tokens, as in bench_gpu_e2e.py):
     encode            engine.encode_images on one image
-    prefill           engine.prefill of the 617-token prompt (projector, decoder, first logits)
+    encode_replay     the vision tower's CUDA graph replay alone
+    prefill           engine.prefill of the 617-token prompt (projector, decoder, first logits),
+                      through the prefill CUDA graph of its length bucket
+    prefill_eager     the same without the prefill graphs (op by op)
     decode_bN         engine.decode at batch N: host work, graph replay, logits back to the host
+    decode_bN_greedy  the same with greedy_only: only the argmax tokens come back
     replay_bN         the CUDA graph's replay alone (what the GPU needs for the step)
-For encode, prefill and an eager decode step (the graph's body run op by op) it records the
+For encode, prefill (both ways) and an eager decode step (the graph's body run op by op) it records the
 kernels with torch.profiler: the sum of kernel time against the wall time says whether the phase
 waits on the GPU or on Python launching kernels.
 """
@@ -102,7 +106,14 @@ def main() -> None:
 
     phases, profiles = {}, {}
     phases["encode"] = timed(lambda: engine.encode_images(pixels), 5)
+    if engine.encode_graphs is not None:
+        graph = next(iter(engine.encode_graphs.graphs.values()))[0]
+        phases["encode_replay"] = timed(graph.replay, 5)
     phases["prefill"] = timed(prefill_once, 5)
+    graphs, engine.prefill_graphs = engine.prefill_graphs, None
+    phases["prefill_eager"] = timed(prefill_once, 5)
+    profiles["prefill_eager"] = kernels(prefill_once, args.top)
+    engine.prefill_graphs = graphs
     profiles["encode"] = kernels(lambda: engine.encode_images(pixels), args.top)
     profiles["prefill"] = kernels(prefill_once, args.top)
     for b in args.batch:
@@ -110,6 +121,7 @@ def main() -> None:
             prefill(s)
         seqs, toks = list(range(b)), [7] * b
         phases[f"decode_b{b}"] = timed(lambda: engine.decode(seqs, toks), 10)
+        phases[f"decode_b{b}_greedy"] = timed(lambda: engine.decode(seqs, toks, greedy_only=True), 10)
         g = engine.graphs
         bucket = g.bucket(b)
         if bucket is not None:

@@ -198,22 +198,31 @@ def _check_cache(q, k_cache, v_cache):
     return bs, n_kv, d
 
 
-def default_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int = 32, max_splits: int = 128) -> int:
-    """Flash-decoding splits from shapes alone (CUDA-graph safe). Ranges are short enough that a
-    512-token context still gives ~2 waves of programs on a 132-SM GPU (batch * kv_heads * 512 /
-    split_len ~ 264), never shorter than one key tile, and at most max_splits of them. Ranges
-    past a sequence's end exit at once and the combine skips them, so the decode graphs, sized
-    for the model's whole context, do not pay for it on short sequences."""
-    split_len = max(block_n, (2 * batch * kv_heads) // block_n * block_n)
+def default_num_splits(batch: int, kv_heads: int, max_context: int, block_n: int = 64, max_splits: int = 128) -> int:
+    """Flash-decoding splits from shapes alone (CUDA-graph safe): ranges of about
+    4 * batch * kv_heads keys (a multiple of the key tile, at least two tiles), at most max_splits
+    of them. Ranges past a sequence's end exit at once and the combine skips them, so the decode
+    graphs, sized for the model's whole context, do not pay for it on short sequences. On an H200
+    (LLaVA-1.5-7B, 32 heads, context 700 in a 4096-wide table) this picks the fastest of the
+    settings benchmarks/sweep_decode.py tried: 32 ranges of 128 keys at batch 1 (11.3 us; 64 ranges:
+    13.7), one range at batch 32 (94 us; 2 ranges: 103)."""
+    split_len = max(2 * block_n, (4 * batch * kv_heads) // block_n * block_n)
     return max(1, min(max_splits, -(-max_context // split_len)))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None, num_splits=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None, num_splits=None,
+                           block_n=None, num_warps=None, num_stages=None):
+    """block_n (keys per tile), num_warps, num_stages: launch settings; None = the defaults below
+    (benchmarks/sweep_decode.py measures the alternatives)."""
     page, n_kv, d = _check_cache(q, k_cache, v_cache)
     b, hq, _ = q.shape
     out = torch.empty_like(q) if out is None else out
     max_context = block_tables.shape[1] * page
-    block_n = 16 if max_context <= 16 else 32 if d > 64 else 64
+    block_n = block_n or (16 if max_context <= 16 else 64)
+    # Two stages, not Triton's three, at head_dim 128: 94 vs 106 us at batch 32 on an H200
+    # (benchmarks/results/sweep-decode-h200-2026-11-30.json); 4 warps were never slower than 8.
+    num_stages = num_stages or (2 if d > 64 else None)
+    launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
     splits = num_splits or default_num_splits(b, n_kv, max_context, block_n)
     split_len = -(-(-(-max_context // splits)) // block_n) * block_n
     splits = -(-max_context // split_len)
@@ -223,13 +232,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if splits == 1:
         _decode_kernel[(b, n_kv, 1)](q, k_cache, v_cache, block_tables, context_lens, out, out, out,
                                      *strides, *out.stride()[:2], 0, 0, 0, scale * LOG2E, page, split_len,
-                                     SPLIT=False, **common)
+                                     SPLIT=False, **common, **launch)
         return out
     part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)  # indexed as part's offset // D
     _decode_kernel[(b, n_kv, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
                                       *strides, *out.stride()[:2], *part.stride()[:3], scale * LOG2E, page,
-                                      split_len, SPLIT=True, **common)
+                                      split_len, SPLIT=True, **common, **launch)
     _combine_kernel[(b, hq)](part, lse, context_lens, out, *part.stride()[:3], *out.stride()[:2], splits, split_len,
                              D=d, SPLITS_PAD=next_pow2(splits))
     return out

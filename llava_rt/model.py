@@ -502,7 +502,7 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
@@ -510,19 +510,23 @@ class LlavaForConditionalGeneration(nn.Module):
         image_features: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab], or [B, vocab] at `logits_index` (one position per row).
 
         `positions` defaults to 0..T-1; with right padding and `attention_mask` that is what
-        training wants. The engine passes positions and a PagedKV.
+        training wants. The engine passes positions and a PagedKV. `inputs_embeds` (from `embed`)
+        stands in for input_ids and the images: the engine's prefill CUDA graphs start there.
         """
-        if image_features is None and vision_features is not None:  # the trainer's cached frozen-tower output
-            image_features = self.multi_modal_projector(vision_features)
-        if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
-        embeds = self.embed(input_ids, image_features)
+        if inputs_embeds is None:
+            if image_features is None and vision_features is not None:  # the trainer's cached frozen-tower output
+                image_features = self.multi_modal_projector(vision_features)
+            if image_features is None and pixel_values is not None:
+                image_features = self.encode_images(pixel_values)
+            inputs_embeds = self.embed(input_ids, image_features)
+        embeds = inputs_embeds
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
         hidden = self.language_model(embeds, positions, attention_mask, kv)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]

@@ -1,10 +1,11 @@
-"""CUDA graphs of the torch engine: the decode step, one per batch-size bucket; and the vision
-tower, one per number of images.
+"""CUDA graphs of the torch engine: the decode step, one per batch-size bucket; a whole prompt's
+prefill, one per length bucket; and the vision tower, one per number of images.
 
 A decode step of a 7B model is ~1,000 kernel launches; at batch 1 launching them from Python
 costs more than the ~5 ms the GPU needs. Each bucket's step is captured once and replayed:
 the step's inputs are copied into static buffers (from pinned host memory, asynchronously),
-the graph runs, and only the logits come back to the host, which is the step's one sync.
+the graph runs, and only the logits (or, for greedy batches, the argmax tokens the graph also
+computes) come back to the host, which is the step's one sync.
 
 Batches are padded up to the next bucket with dummy rows: slot -1 (nothing is written to the
 cache), context length 1, block 0 (read but ignored). The block table is as wide as the
@@ -57,51 +58,114 @@ class DecodeGraphs:
         self.tables = torch.zeros(n, self.width, dtype=torch.int64, device=dev)
         self.zeros = torch.zeros(n, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, argmax tokens)
         if capture:
             self._capture_all()
 
-    def _step(self, bs: int) -> torch.Tensor:
+    def _step(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.engine
         ids, positions, slots, lens = (self.vec[i, :bs] for i in range(4))
         kv = PagedKV(e.k_caches, e.v_caches, slots[:, None], self.tables[:bs], lens, rope_tables=e.rope_tables)
-        return e.model(ids[:, None], positions=positions[:, None], kv=kv, logits_index=self.zeros[:bs])
+        logits = e.model(ids[:, None], positions=positions[:, None], kv=kv, logits_index=self.zeros[:bs])
+        return logits, logits.argmax(-1)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         self._fill([], [], [], [], [])  # all rows dummy: nothing is written to the cache
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
-            self.graphs[bs], self.logits[bs] = capture_graph(lambda: self._step(bs), pool)
+            self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._step(bs), pool)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
     def _fill(self, ids, positions, slots, lens, tables) -> None:
         n = len(ids)
-        self.host_vec.zero_()
-        self.host_vec[2].fill_(-1)  # dummy rows: no cache write
-        self.host_vec[3].fill_(1)  # ... and one (ignored) key
+        vec, tab = self.host_vec.numpy(), self.host_tables.numpy()  # numpy views: no tensor per row
+        vec[:, n:] = np.array([0, 0, -1, 1])[:, None]  # dummy rows: no cache write, one (ignored) key
         for i, xs in enumerate((ids, positions, slots, lens)):
-            self.host_vec[i, :n] = torch.as_tensor(np.asarray(xs, dtype=np.int64))
-        self.host_tables.zero_()
+            vec[i, :n] = xs
+        tab.fill(0)
         for row, table in enumerate(tables):
-            self.host_tables[row, : len(table)] = torch.as_tensor(table, dtype=torch.int64)
+            tab[row, : len(table)] = table
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.tables.copy_(self.host_tables, non_blocking=True)
 
     @torch.inference_mode()
-    def run(self, ids, positions, slots, lens, tables) -> np.ndarray:
-        """One decode step for len(ids) sequences (<= the largest bucket): logits [n, vocab] fp32."""
+    def run(self, ids, positions, slots, lens, tables, greedy_only: bool = False) -> np.ndarray:
+        """One decode step for len(ids) sequences (<= the largest bucket): logits [n, vocab] fp32,
+        or with greedy_only the argmax tokens [n] (4 MB fewer to copy back at batch 32)."""
         n = len(ids)
         bs = self.bucket(n)
         self._fill(ids, positions, slots, lens, tables)
         if self.capture:
             self.graphs[bs].replay()
-            logits = self.logits[bs]
+            logits, tokens = self.outputs[bs]
         else:
-            logits = self._step(bs)
-        return logits[:n].float().cpu().numpy()
+            logits, tokens = self._step(bs)
+        return tokens[:n].cpu().numpy() if greedy_only else logits[:n].float().cpu().numpy()
+
+
+class PrefillGraphs:
+    """The prefill of one whole prompt (nothing cached before it) as a CUDA graph per length
+    bucket, a multiple of `step` tokens up to max_tokens, captured on a bucket's first use. Eager,
+    the 7B prefill of 617 tokens is ~380 launches, and an H200 waited on Python: 20 ms of wall time
+    for 13 ms of kernels (benchmarks/results/profile-h200-2026-11-29.json).
+
+    The graph starts at the embeddings: the engine embeds the prompt and projects the image features
+    into it eagerly (a few launches, and the image rows are found with a host sync), and the result
+    is copied into a static buffer. Padding rows sit after the prompt, where causal attention never
+    reaches them; they are zeros, write nothing to the cache (slot -1) and take position 0.
+    """
+
+    def __init__(self, engine, step: int = 64, max_tokens: int = 2048, capture: bool = True):
+        self.engine, self.step, self.capture = engine, step, capture
+        self.max_tokens = min(max_tokens, engine.max_context) // step * step
+        n, dev = self.max_tokens, engine.device
+        self.embeds = torch.zeros(1, n, engine.config.text_config.hidden_size, dtype=engine.dtype, device=dev)
+        # positions, slots, and the index of the last real row (in column 0 of row 2)
+        self.host = torch.zeros(3, n, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.vec = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.unused = torch.zeros(1, 1, dtype=torch.int64, device=dev)  # block table and lengths: not read
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket(self, n: int) -> int | None:
+        return -(-n // self.step) * self.step if 1 < n <= self.max_tokens else None
+
+    def _step(self, t: int) -> torch.Tensor:
+        e = self.engine
+        positions, slots = self.vec[0, :t][None], self.vec[1, :t][None]
+        kv = PagedKV(e.k_caches, e.v_caches, slots, self.unused, self.unused[0], rope_tables=e.rope_tables,
+                     prefix_free=True)
+        return e.model(None, positions=positions, kv=kv, inputs_embeds=self.embeds[:, :t], logits_index=self.vec[2, :1])
+
+    def _fill(self, embeds: torch.Tensor | None, positions, slots) -> None:
+        n = 0 if embeds is None else embeds.shape[1]
+        self.host.zero_()
+        self.host[1].fill_(-1)
+        self.host[0, :n] = torch.as_tensor(positions)
+        self.host[1, :n] = torch.as_tensor(slots)
+        self.host[2, 0] = max(n - 1, 0)
+        self.vec.copy_(self.host, non_blocking=True)
+        self.embeds.zero_()
+        if embeds is not None:
+            self.embeds[:, :n].copy_(embeds)
+
+    @torch.inference_mode()
+    def run(self, embeds: torch.Tensor, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """embeds [1, n, hidden] of a whole prompt (n within max_tokens): logits [1, vocab] fp32."""
+        t = self.bucket(embeds.shape[1])
+        if self.capture and t not in self.graphs:
+            self._fill(None, [], [])  # all rows padding while warming up and capturing: no cache writes
+            self.graphs[t] = capture_graph(lambda: self._step(t), self.pool)
+        self._fill(embeds, positions, slots)
+        if self.capture:
+            graph, logits = self.graphs[t]
+            graph.replay()
+        else:
+            logits = self._step(t)
+        return logits.float().cpu().numpy()
 
 
 class EncodeGraphs:

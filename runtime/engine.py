@@ -2,7 +2,9 @@
 
     encode_images(pixels)        -> image embeddings (an opaque handle the same engine takes back)
     prefill(sequences)           -> logits [B, vocab] at each sequence's last new token
-    decode(seq_ids, tokens)      -> logits [B, vocab] for one new token per sequence
+    decode(seq_ids, tokens)      -> logits [B, vocab] for one new token per sequence; with
+                                    greedy_only=True the argmax tokens [B] instead (on a GPU only
+                                    the token ids then cross to the host)
     release(seq_id)              -> frees the sequence's KV blocks
 
 Scheduling, sampling, detokenization, the CLI and the server sit above this and never learn
@@ -35,7 +37,7 @@ class Engine(Protocol):
 
     def prefill(self, sequences: list[SequenceInput]) -> np.ndarray: ...
 
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray: ...
+    def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray: ...
 
     def release(self, seq_id: int) -> None: ...
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .engine import Engine, SequenceInput
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, all_greedy, next_tokens
 
 _seq_ids = itertools.count()
 
@@ -58,8 +58,7 @@ def generate(
     reasons: list[str | None] = [None] * len(requests)
     ends: list[float] = [0.0] * len(requests)
 
-    def accept(i: int, logits_row) -> None:
-        token = samplers[i](logits_row)
+    def accept(i: int, token: int) -> None:
         now = time.perf_counter()
         if first[i] is None:
             first[i] = now - start
@@ -81,15 +80,17 @@ def generate(
         logits = engine.prefill(
             [SequenceInput(s, r.prompt_ids, r.image_embeds) for s, r in zip(seq_ids, requests)]
         )
-        for i in range(len(requests)):
-            accept(i, logits[i])
+        for i, token in enumerate(next_tokens(logits, samplers, greedy_only=False)):
+            accept(i, token)
         while True:
             running = [i for i in range(len(requests)) if reasons[i] is None]
             if not running:
                 break
-            logits = engine.decode([seq_ids[i] for i in running], [tokens[i][-1] for i in running])
-            for row, i in enumerate(running):
-                accept(i, logits[row])
+            active = [samplers[i] for i in running]
+            greedy = all_greedy(active)
+            out = engine.decode([seq_ids[i] for i in running], [tokens[i][-1] for i in running], greedy_only=greedy)
+            for i, token in zip(running, next_tokens(out, active, greedy)):
+                accept(i, token)
     finally:
         for i, s in enumerate(seq_ids):
             if reasons[i] is None:

@@ -162,8 +162,9 @@ class OrtEngine:
                 raise ValueError(f"sequence {s.seq_id}: {slots} image-token slots but {images} images ({per_image} slots each)")
         return self._step([s.seq_id for s in sequences], [s.token_ids for s in sequences], [s.image_embeds for s in sequences])
 
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
-        return self._step(seq_ids, [[t] for t in tokens], [None] * len(seq_ids))
+    def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray:
+        logits = self._step(seq_ids, [[t] for t in tokens], [None] * len(seq_ids))
+        return logits.argmax(-1) if greedy_only else logits
 
     # ------------------------------------------------------------------ one decoder call
 

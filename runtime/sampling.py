@@ -58,3 +58,16 @@ class Sampler:
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
         return int(self.rng.choice(probs.shape[-1], p=probs))
+
+
+def next_tokens(out: np.ndarray, samplers: list[Sampler], greedy_only: bool) -> list[int]:
+    """Each row's next token from an engine's decode output: its argmax tokens when called with
+    greedy_only (see all_greedy), else its logits through each request's sampler."""
+    if greedy_only:
+        return [int(t) for t in out]
+    return [s(row) for s, row in zip(samplers, out)]
+
+
+def all_greedy(samplers: list[Sampler]) -> bool:
+    """Whether a decode step may ask the engine for argmax tokens instead of logits."""
+    return all(s.params.temperature == 0.0 for s in samplers)

@@ -29,7 +29,7 @@ from llava_rt.tokenizer import StreamingDetokenizer, TextProcessor
 from .engine import Engine, SequenceInput
 from .generate import check_prompt_fits
 from .kv_cache import CacheFullError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, all_greedy, next_tokens
 
 _seq_ids = itertools.count(1 << 20)  # apart from generate()'s ids, should both share an engine
 
@@ -232,8 +232,9 @@ class Scheduler:
                 return
             # The last sampled token, or during a replay after preemption the next generated one.
             tokens = [r.output_ids[r.num_computed - len(r.prompt_ids)] for r in batch]
+            greedy = all_greedy([r.sampler for r in batch])
             try:
-                logits = self.engine.decode([r.seq_id for r in batch], tokens)
+                out = self.engine.decode([r.seq_id for r in batch], tokens, greedy_only=greedy)
                 break
             except CacheFullError:  # the engine undid the step; make room by recompute, then retry
                 if len(self.running) == 1:  # alone and still no room: the cache is its context
@@ -243,7 +244,7 @@ class Scheduler:
         for row, r in enumerate(batch):
             r.num_computed += 1
             if r.num_computed == len(r.prompt_ids) + len(r.output_ids):  # not replaying after preemption
-                self._accept(r, logits[row])
+                self._accept(r, next_tokens(out[row : row + 1], [r.sampler], greedy)[0])
 
     def _prefill(self) -> None:
         cfg = self.engine.config
@@ -280,12 +281,11 @@ class Scheduler:
         for row, (r, _, end) in enumerate(chunks):
             r.num_computed = end
             if end == len(r.prompt_ids) and not r.output_ids:  # else a preempted request replays its tokens
-                self._accept(r, logits[row])
+                self._accept(r, r.sampler(logits[row]))
 
     # ------------------------------------------------------------------ tokens out
 
-    def _accept(self, r: Request, logits_row: np.ndarray) -> None:
-        token = r.sampler(logits_row)
+    def _accept(self, r: Request, token: int) -> None:
         now = time.perf_counter()
         if r.first_token_at is None:
             r.first_token_at = now

@@ -90,11 +90,14 @@ class TorchEngine:
         self.max_num_seqs = max_num_seqs
         if static_decode is None:
             static_decode = use_kernels and self.device.type == "cuda"
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if static_decode:
-            from .cuda_graphs import DecodeGraphs
+            from .cuda_graphs import DecodeGraphs, PrefillGraphs
 
             self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda")
+            # Whole prompts of one sequence too (the batching scheduler's usual prefill); captured
+            # per length bucket on first use.
+            self.prefill_graphs = PrefillGraphs(self, capture=self.graphs.capture)
         # The vision tower as CUDA graphs too, wherever the decode step is one; one image's is
         # captured now, so a server's first request does not pay for it.
         self.encode_graphs = None
@@ -160,11 +163,12 @@ class TorchEngine:
             image_features = torch.cat(features) if features else None
         return self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
 
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
-        return self._forward(seq_ids, [[t] for t in tokens], None)
+    def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray:
+        return self._forward(seq_ids, [[t] for t in tokens], None, greedy_only)
 
     @torch.inference_mode()
-    def _forward(self, seq_ids: list[int], token_lists: list[list[int]], image_features) -> np.ndarray:
+    def _forward(self, seq_ids: list[int], token_lists: list[list[int]], image_features,
+                 greedy_only: bool = False) -> np.ndarray:
         new = {s: len(t) for s, t in zip(seq_ids, token_lists)}
         if len(new) != len(seq_ids) or any(n == 0 for n in new.values()):
             raise ValueError("each sequence must appear once with at least one token")
@@ -180,14 +184,14 @@ class TorchEngine:
             )
         before = {s: self.blocks.length(s) for s in seq_ids}
         try:
-            return self._run(seq_ids, token_lists, image_features, max(new.values()))
+            return self._run(seq_ids, token_lists, image_features, max(new.values()), greedy_only)
         except BaseException:
             for s, n in before.items():  # undo this step's reservations so a failed call loses nothing
                 if s in self.blocks.lengths:
                     self.blocks.truncate(s, n)
             raise
 
-    def _run(self, seq_ids, token_lists, image_features, t) -> np.ndarray:
+    def _run(self, seq_ids, token_lists, image_features, t, greedy_only) -> np.ndarray:
         b = len(seq_ids)
         pad = self.config.text_config.pad_token_id or 0
         ids = np.full((b, t), pad, dtype=np.int64)
@@ -199,14 +203,21 @@ class TorchEngine:
             positions[row, : len(toks)] = np.arange(start, start + len(toks))
             slots[row, : len(toks)] = self.blocks.append(s, len(toks))
         tables = [self.blocks.tables[s] for s in seq_ids]
-        width = max(len(tb) for tb in tables)
-        block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         lens = np.array([self.blocks.length(s) for s in seq_ids], dtype=np.int64)
         if t == 1 and self.graphs is not None and self.graphs.bucket(b) is not None:
-            return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables)
+            return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables, greedy_only)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        prefix_free = bool((positions[:, 0] == 0).all())
+        if b == 1 and prefix_free and self.prefill_graphs is not None and self.prefill_graphs.bucket(t) is not None:
+            embeds = self.model.embed(as_tensor(ids), image_features)
+            logits = self.prefill_graphs.run(embeds, positions[0], slots[0])
+            return logits.argmax(-1) if greedy_only else logits
+        width = max(len(tb) for tb in tables)
+        block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
-                     rope_tables=self.rope_tables, prefix_free=bool((positions[:, 0] == 0).all()))
+                     rope_tables=self.rope_tables, prefix_free=prefix_free)
         last = as_tensor(np.array([len(x) - 1 for x in token_lists], dtype=np.int64))
         logits = self.model(as_tensor(ids), positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
+        if greedy_only:  # only the tokens cross to the host
+            return logits.argmax(-1).cpu().numpy()
         return logits.float().cpu().numpy()

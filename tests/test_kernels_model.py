@@ -188,6 +188,56 @@ def test_engine_kernel_path_matches_torch_path(tiny_model):
     plain.release(0), fast.release(0)
 
 
+def test_prefill_graphs_and_greedy_decode_match_torch_path(tiny_model):
+    """A whole prompt of one sequence goes through the prefill graphs' static buffers (CUDA graphs
+    on CUDA), padded to its length bucket: the torch path's logits, and a cache that decodes the
+    same. decode(greedy_only=True) gives the argmax of the logits decode gives, eager and through
+    the decode graphs' buffers."""
+    cfg = tiny_model.config
+    plain = TorchEngine(tiny_model, block_size=4, use_kernels=False, kv_cache_bytes=1 << 20)
+    static = TorchEngine(tiny_model, block_size=4, use_kernels=True, static_decode=True, max_num_seqs=4,
+                         kv_cache_bytes=1 << 20)
+    graphs = static.prefill_graphs
+    graphs.step = 8  # buckets of 8 tokens: the prompts below are padded by 3, 5 and 7 rows
+    seen = []
+    run = graphs.run
+    graphs.run = lambda embeds, *a: seen.append(embeds.shape[1]) or run(embeds, *a)
+    gen = torch.Generator().manual_seed(6)
+    pixels = torch.randn(1, 3, 28, 28, generator=gen).numpy()
+    prompts = [[1] + [cfg.image_token_index] * cfg.image_seq_length + [5, 6, 7, 8],
+               torch.randint(3, 290, (11,), generator=gen).tolist(),
+               [1, 9] + [cfg.image_token_index] * cfg.image_seq_length + torch.randint(3, 290, (7,), generator=gen).tolist()]
+    for seq, ids in enumerate(prompts):
+        got_want = []
+        for engine in (static, plain):
+            img = engine.encode_images(pixels) if cfg.image_token_index in ids else None
+            logits = [engine.prefill([SequenceInput(seq, ids, img)])]
+            token = int(logits[0][0].argmax())
+            for _ in range(3):
+                logits.append(engine.decode([seq], [token]))
+                engine.blocks.truncate(seq, engine.seq_len(seq) - 1)  # take that step back, and redo it
+                greedy = engine.decode([seq], [token], greedy_only=True)
+                assert greedy.shape == (1,) and int(greedy[0]) == int(logits[-1][0].argmax())
+                token = int(greedy[0])
+            got_want.append(np.concatenate(logits))
+            engine.release(seq)
+        np.testing.assert_allclose(*got_want, rtol=1e-4, atol=1e-4)
+    assert seen == [21, 11, 25]
+    # A batch of two prompts, or a prompt after cached tokens, runs eagerly.
+    static.prefill([SequenceInput(7, prompts[1]), SequenceInput(8, prompts[1][:5])])
+    static.prefill([SequenceInput(7, [4, 5])])
+    assert len(seen) == 3
+    static.release(7), static.release(8)
+    for engine in (static, plain):  # greedy_only on a batch of two, padded to the bucket of 2
+        for s, ids in enumerate(prompts[1:]):
+            engine.prefill([SequenceInput(s, ids, engine.encode_images(pixels) if s else None)])
+        logits = engine.decode([0, 1], [3, 4])
+        for s in (0, 1):
+            engine.blocks.truncate(s, engine.seq_len(s) - 1)
+        assert engine.decode([0, 1], [3, 4], greedy_only=True).tolist() == logits.argmax(-1).tolist()
+        engine.release(0), engine.release(1)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
 def test_cuda_engine_matches_cpu_fp32(tiny_model):
     """The engine on CUDA (kernels + CUDA graphs) gives the CPU fp32 torch path's greedy tokens."""
