@@ -220,7 +220,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     max_context = block_tables.shape[1] * page
     block_n = block_n or (16 if max_context <= 16 else 64)
     # Two stages, not Triton's three, at head_dim 128: 94 vs 106 us at batch 32 on an H200
-    # (benchmarks/results/sweep-decode-h200-2026-11-30.json); 4 warps were never slower than 8.
+    # (benchmarks/results/sweep-decode-h200-2026-11-30-first.json); 4 warps were never slower than 8.
     num_stages = num_stages or (2 if d > 64 else None)
     launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
     splits = num_splits or default_num_splits(b, n_kv, max_context, block_n)
