@@ -1,9 +1,10 @@
 """Checkpoint -> ONNX export directory (vision.onnx, decoder.onnx, embed_tokens.npy, side files, manifest).
 
 Graphs are traced with torch.onnx's torch.export-based exporter from our one model definition
-(export/graphs.py). Weights go to external-data files when a graph passes the 2 GB protobuf
-limit. Weight-only int8/int4 quantization of the decoder runs onnxruntime's MatMulNBits
-quantizer (export/quantize.py).
+(export/graphs.py). Graphs stay in onnx_ir form, whose weights are the model's own tensors, until
+they are written: a 7B export needs the checkpoint's memory once, not twice. Weights go to
+external-data files when a graph passes the 2 GB protobuf limit. Weight-only int8/int4
+quantization of the decoder runs onnxruntime's MatMulNBits quantizer (export/quantize.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
@@ -55,51 +57,47 @@ def tool_versions() -> dict:
     return out
 
 
-def _set_io(proto: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+def _set_io(model: ir.Model, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
     """Give the graph's inputs/outputs our names for dynamic dims (the tracer writes s17, s29 + s84, ...)."""
-    for values, specs in ((proto.graph.input, inputs), (proto.graph.output, outputs)):
+    for values, specs in ((model.graph.inputs, inputs), (model.graph.outputs, outputs)):
         by_name = {v.name: v for v in values}
         if set(by_name) != {s.name for s in specs}:
             raise ExportError(f"traced graph IO {sorted(by_name)} differs from the expected {[s.name for s in specs]}")
         for spec in specs:
-            dims = by_name[spec.name].type.tensor_type.shape.dim
-            if len(dims) != len(spec.shape):
-                raise ExportError(f"{spec.name}: traced rank {len(dims)}, expected {len(spec.shape)}")
-            for dim, size in zip(dims, spec.shape):
-                if isinstance(size, int):
-                    dim.Clear()
-                    dim.dim_value = size
-                else:
-                    dim.dim_param = size
+            value = by_name[spec.name]
+            if value.shape is None or len(value.shape) != len(spec.shape):
+                rank = None if value.shape is None else len(value.shape)
+                raise ExportError(f"{spec.name}: traced rank {rank}, expected {len(spec.shape)}")
+            value.shape = ir.Shape(spec.shape)
 
 
-def _weights_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in proto.graph.initializer)
+def _weights_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_graph(proto: onnx.ModelProto, path: Path, external_data: bool | None) -> list[str]:
-    """Write proto; weights to `<name>.data` when asked or past the protobuf limit. Returns the files."""
+def save_graph(model: ir.Model, path: Path, external_data: bool | None) -> list[str]:
+    """Write the graph; weights to `<name>.data` when asked or past the protobuf limit, streamed
+    from the tensors they are (no protobuf copy). Returns the files."""
     data_name = path.name + ".data"
     (path.parent / data_name).unlink(missing_ok=True)
-    use_external = external_data if external_data is not None else _weights_bytes(proto) > PROTOBUF_LIMIT
+    use_external = external_data if external_data is not None else _weights_bytes(model) > PROTOBUF_LIMIT
     if use_external:
-        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
         return [path.name, data_name]
-    onnx.save_model(proto, path)
+    ir.save(model, path)
     return [path.name]
 
 
-def _trace(module: torch.nn.Module, args: tuple, dynamic_shapes, inputs, outputs, opset: int) -> onnx.ModelProto:
+def _trace(module: torch.nn.Module, args: tuple, dynamic_shapes, inputs, outputs, opset: int) -> ir.Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(), args, dynamic_shapes=dynamic_shapes, input_names=[s.name for s in inputs],
             output_names=[s.name for s in outputs], dynamo=True, opset_version=opset, verbose=False,
         )
-    proto = program.model_proto
-    _set_io(proto, inputs, outputs)
-    return proto
+    model = program.model
+    _set_io(model, inputs, outputs)
+    return model
 
 
 def export_onnx(
@@ -145,13 +143,13 @@ def export_onnx(
         graphs = {}
         step(2)
         v_in, v_out = vision_io(model, np_dtype)
-        proto = _trace(VisionGraph(model), vision_example(model), ({0: torch.export.Dim.DYNAMIC},), v_in, v_out, opset)
-        graphs["vision"] = {"files": save_graph(proto, tmp / "vision.onnx", external_data),
+        graph = _trace(VisionGraph(model), vision_example(model), ({0: torch.export.Dim.DYNAMIC},), v_in, v_out, opset)
+        graphs["vision"] = {"files": save_graph(graph, tmp / "vision.onnx", external_data),
                             "inputs": [s.to_dict() for s in v_in], "outputs": [s.to_dict() for s in v_out]}
-        del proto
+        del graph
         step(3)
         d_in, d_out = decoder_io(model, np_dtype)
-        proto = _trace(DecoderGraph(model), decoder_example(model, torch_dtype), decoder_dynamic_shapes(model),
+        graph = _trace(DecoderGraph(model), decoder_example(model, torch_dtype), decoder_dynamic_shapes(model),
                        d_in, d_out, opset)
         i = 4
         if quantize:
@@ -159,10 +157,10 @@ def export_onnx(
             i += 1
             from .quantize import quantize_weights
 
-            proto = quantize_weights(proto, bits=8 if quantize == "int8" else 4)
-        graphs["decoder"] = {"files": save_graph(proto, tmp / "decoder.onnx", external_data),
+            graph = ir.from_proto(quantize_weights(ir.to_proto(graph), bits=8 if quantize == "int8" else 4))
+        graphs["decoder"] = {"files": save_graph(graph, tmp / "decoder.onnx", external_data),
                              "inputs": [s.to_dict() for s in d_in], "outputs": [s.to_dict() for s in d_out]}
-        del proto
+        del graph
         step(i)
         table = model.language_model.embed_tokens.weight.detach().numpy()
         np.save(tmp / "embed_tokens.npy", table)

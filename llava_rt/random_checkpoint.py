@@ -1,6 +1,6 @@
 """Random-weight LLaVA checkpoints in named shapes, for demos, tests and benchmarks.
 
-    python -m llava_rt.random_checkpoint OUT_DIR [--preset tiny|mid|llava-1.5-7b] [--seed N]
+    python -m llava_rt.random_checkpoint OUT_DIR [--preset tiny|mid|llava-1.5-7b] [--seed N] [--dtype float16]
 
 The weights are random: answers are gibberish. They exist to exercise the whole path (load,
 preprocess, prefill, decode, stream) and to time it in real shapes.
@@ -48,7 +48,10 @@ def preset(name: str) -> tuple[LlavaConfig, int]:
     return config, vision.image_size
 
 
-def make_random_checkpoint(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, std: float = 0.02) -> Path:
+def make_random_checkpoint(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, std: float = 0.02,
+                           dtype: str = "float32") -> Path:
+    """dtype: the weights' dtype on disk and in memory while they are made (float16 halves a 7B's
+    14 GB; the model is laid out on the meta device first, so nothing is allocated twice)."""
     import tempfile
 
     import torch
@@ -68,7 +71,11 @@ def make_random_checkpoint(out_dir: str | Path, preset_name: str = "tiny", seed:
             image_mean=CLIP_MEAN, image_std=CLIP_STD,
         ).save(side)
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+        model = model.to_empty(device="cpu").to(getattr(torch, dtype))
+        if config.tie_word_embeddings:  # to_empty gives each parameter its own storage
+            model.lm_head.weight = model.language_model.embed_tokens.weight
         init_weights(model, seed=seed, std=std)
         return save_checkpoint(model, out_dir, copy_from=side)
 
@@ -78,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--preset", default="tiny", choices=["tiny", "mid", "llava-1.5-7b"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
-    path = make_random_checkpoint(args.out_dir, args.preset, args.seed)
+    path = make_random_checkpoint(args.out_dir, args.preset, args.seed, dtype=args.dtype)
     print(f"wrote a random-weight {args.preset} checkpoint to {path}")
 
 
