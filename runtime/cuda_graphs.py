@@ -109,8 +109,9 @@ class DecodeGraphs:
 class PrefillGraphs:
     """The prefill of one whole prompt (nothing cached before it) as a CUDA graph per length
     bucket, a multiple of `step` tokens up to max_tokens, captured on a bucket's first use. Eager,
-    the 7B prefill of 617 tokens is ~380 launches, and an H200 waited on Python: 20 ms of wall time
-    for 13 ms of kernels (benchmarks/results/profile-h200-2026-11-29.json).
+    the 7B prefill of 617 tokens is ~380 launches, and how long Python takes to launch them depends
+    on the host: on two H200 machines 14.1 and 17.9 ms op by op, 13.9 and 14.7 ms as a graph, for
+    12.7 ms of kernels (benchmarks/results/profile-h200-2026-11-30*.json).
 
     The graph starts at the embeddings: the engine embeds the prompt and projects the image features
     into it eagerly (a few launches, and the image rows are found with a host sync), and the result

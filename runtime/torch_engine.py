@@ -210,8 +210,7 @@ class TorchEngine:
         prefix_free = bool((positions[:, 0] == 0).all())
         if b == 1 and prefix_free and self.prefill_graphs is not None and self.prefill_graphs.bucket(t) is not None:
             embeds = self.model.embed(as_tensor(ids), image_features)
-            logits = self.prefill_graphs.run(embeds, positions[0], slots[0])
-            return logits.argmax(-1) if greedy_only else logits
+            return self.prefill_graphs.run(embeds, positions[0], slots[0])
         width = max(len(tb) for tb in tables)
         block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
