@@ -60,7 +60,8 @@ print(json.dumps(report))
 def child(cmd: list[str]) -> tuple[float, float, str]:
     """Run cmd; (wall s, its peak RSS GiB, stdout). Children run one at a time, so RUSAGE_CHILDREN's
     maximum after each is the largest so far: each step reports what it raised it to."""
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(Path(c).name if '/' in c else c for c in cmd[:6])} ...", flush=True)
+    shown = ["python", "-c", "LOAD_CHECK"] if cmd[1] == "-c" else ["python", *(Path(c).name for c in cmd[1:6])]
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(shown)} ...", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -77,7 +77,7 @@ def make_random_checkpoint(out_dir: str | Path, preset_name: str = "tiny", seed:
         if config.tie_word_embeddings:  # to_empty gives each parameter its own storage
             model.lm_head.weight = model.language_model.embed_tokens.weight
         init_weights(model, seed=seed, std=std)
-        return save_checkpoint(model, out_dir, copy_from=side)
+        return save_checkpoint(model, out_dir, copy_from=side, max_shard_bytes=2 * 1024**3)  # 2 GB: less held at once
 
 
 def main(argv: list[str] | None = None) -> None:
