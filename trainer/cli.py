@@ -45,7 +45,7 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--no-group-by-length", action="store_true",
                    help="plain shuffled batches instead of batches of similar length")
     p.add_argument("--fresh-llm", action="store_true",
-                   help="start from a freshly initialised LLM and projector (the tower and tokenizer kept)")
+                   help="start from a freshly initialised LLM (the tower, projector and tokenizer kept)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0: none")
     _precision_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
@@ -70,7 +70,7 @@ def parse(argv):
     r.add_argument("--skip-stage1", action="store_true", help="ablation: no feature alignment stage")
     r.add_argument("--no-short-phase", action="store_true",
                    help="ablation: stage 2 as the paper has it, the instruction mix alone for 4 epochs, without "
-                        "the short-question phase from a fresh LLM and projector (docs/REPRODUCTION.md)")
+                        "the short-question phase from a fresh LLM (docs/REPRODUCTION.md)")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
     _precision_arg(r)

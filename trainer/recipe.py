@@ -10,8 +10,8 @@ few million parameters trained from scratch on a 2-core CPU:
     both: Adam(W) without weight decay, cosine schedule, 3% warm-up (kept)
 
 Stage 2 opens (no paper counterpart) with a short-question phase: single-turn questions, one of
-each conversation form per training image, in batches of 128, from a freshly initialised LLM and
-projector, 3 epochs without gradient clipping; then the instruction mix for 2 epochs instead of 4.
+each conversation form per training image, in batches of 128, from a freshly initialised LLM (stage 1's
+projector kept), 3 epochs without gradient clipping; then the instruction mix for 2 epochs instead of 4.
 Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the image tokens, and
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).

@@ -180,9 +180,9 @@ class StageConfig:
     # Batches of similar length (LLaVA's group_by_length). Off for the short-question phase: there a
     # length is nearly a question form, and batches of one form teach nothing (docs/REPRODUCTION.md).
     group_by_length: bool = True
-    # Start from a freshly initialised LLM and projector (the tower and tokenizer kept): from our small
-    # base LM and stage-1 projector a short-question phase leaves the short answers at their most common
-    # value; from fresh ones it can learn them, though not reliably yet (docs/REPRODUCTION.md).
+    # Start from a freshly initialised LLM (the tower, stage 1's projector and the tokenizer kept): from
+    # our small base LM a short-question phase leaves the short answers at their most common value; from
+    # a fresh one it learns them (docs/REPRODUCTION.md, "A short-question phase").
     fresh_llm: bool = False
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
 
@@ -206,7 +206,7 @@ def run_stage(
     model = load_model(source).to(d.device).train()
     if sc.fresh_llm and resume_from is None:
         # One seed for each part: an untied head starts equal to the embeddings, as a tied one would.
-        for part in (model.multi_modal_projector, model.language_model, model.lm_head):
+        for part in (model.language_model, model.lm_head):
             init_weights(part, seed=sc.seed)
     data = StageData.load(model, model_dir, data_json, image_folder, sc.stage, sc.max_len, sc.limit, d.device,
                           sc.tune_vision)
