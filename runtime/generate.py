@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .engine import Engine, SequenceInput
-from .sampling import Sampler, SamplingParams, all_greedy, next_tokens
+from .sampling import Sampler, SamplingParams, all_greedy, next_token
 
 _seq_ids = itertools.count()
 
@@ -80,17 +80,16 @@ def generate(
         logits = engine.prefill(
             [SequenceInput(s, r.prompt_ids, r.image_embeds) for s, r in zip(seq_ids, requests)]
         )
-        for i, token in enumerate(next_tokens(logits, samplers, greedy_only=False)):
-            accept(i, token)
+        for i in range(len(requests)):
+            accept(i, samplers[i](logits[i]))
         while True:
             running = [i for i in range(len(requests)) if reasons[i] is None]
             if not running:
                 break
-            active = [samplers[i] for i in running]
-            greedy = all_greedy(active)
+            greedy = all_greedy([samplers[i] for i in running])
             out = engine.decode([seq_ids[i] for i in running], [tokens[i][-1] for i in running], greedy_only=greedy)
-            for i, token in zip(running, next_tokens(out, active, greedy)):
-                accept(i, token)
+            for row, i in enumerate(running):
+                accept(i, next_token(out[row], samplers[i], greedy))
     finally:
         for i, s in enumerate(seq_ids):
             if reasons[i] is None:

@@ -60,12 +60,10 @@ class Sampler:
         return int(self.rng.choice(probs.shape[-1], p=probs))
 
 
-def next_tokens(out: np.ndarray, samplers: list[Sampler], greedy_only: bool) -> list[int]:
-    """Each row's next token from an engine's decode output: its argmax tokens when called with
-    greedy_only (see all_greedy), else its logits through each request's sampler."""
-    if greedy_only:
-        return [int(t) for t in out]
-    return [s(row) for s, row in zip(samplers, out)]
+def next_token(row: np.ndarray, sampler: Sampler, greedy_only: bool) -> int:
+    """A request's next token from its row of an engine's output: the argmax token itself when the
+    engine was called with greedy_only (see all_greedy), else logits for the request's sampler."""
+    return int(row) if greedy_only else sampler(row)
 
 
 def all_greedy(samplers: list[Sampler]) -> bool:

@@ -29,7 +29,7 @@ from llava_rt.tokenizer import StreamingDetokenizer, TextProcessor
 from .engine import Engine, SequenceInput
 from .generate import check_prompt_fits
 from .kv_cache import CacheFullError
-from .sampling import Sampler, SamplingParams, all_greedy, next_tokens
+from .sampling import Sampler, SamplingParams, all_greedy, next_token
 
 _seq_ids = itertools.count(1 << 20)  # apart from generate()'s ids, should both share an engine
 
@@ -244,7 +244,7 @@ class Scheduler:
         for row, r in enumerate(batch):
             r.num_computed += 1
             if r.num_computed == len(r.prompt_ids) + len(r.output_ids):  # not replaying after preemption
-                self._accept(r, next_tokens(out[row : row + 1], [r.sampler], greedy)[0])
+                self._accept(r, next_token(out[row], r.sampler, greedy))
 
     def _prefill(self) -> None:
         cfg = self.engine.config
