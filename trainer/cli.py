@@ -73,6 +73,8 @@ def parse(argv):
                         "the short-question phase from a fresh LLM (docs/REPRODUCTION.md)")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
+    r.add_argument("--seed", type=int, default=0,
+                   help="every random draw: data, base models, initialisations, sample order (with --reuse, the stages' only)")
     _precision_arg(r)
     r.add_argument("--reuse", type=Path, help="ablation: take data, base models (and a matching stage 1) from this run")
     d = sub.add_parser("data", help="render the synthetic world and write LLaVA-format data")
@@ -114,7 +116,7 @@ def run(args) -> int:
     if args.cmd == "recipe":
         from .recipe import preset, run_recipe
 
-        overrides = {"precision": args.precision, "compile": args.compile}
+        overrides = {"precision": args.precision, "compile": args.compile, "seed": args.seed}
         if args.feature_layer is not None:
             overrides["feature_layer"] = args.feature_layer
         if args.skip_stage1:

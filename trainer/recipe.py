@@ -197,7 +197,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         without_short_phase(r)
     for sc in (r.stage1, r.stage2, r.short_phase):
         if sc is not None:
-            sc.precision, sc.compile = r.precision, r.compile
+            sc.precision, sc.compile, sc.seed = r.precision, r.compile, r.seed
     out = Path(out)
     report: dict = {"recipe": name, "config": asdict(r), "timings": {}}
     t0 = time.time()
