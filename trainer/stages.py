@@ -182,7 +182,8 @@ class StageConfig:
     group_by_length: bool = True
     # Start from a freshly initialised LLM (the tower, stage 1's projector and the tokenizer kept): from
     # our small base LM a short-question phase leaves the short answers at their most common value; from
-    # a fresh one it learns them (docs/REPRODUCTION.md, "A short-question phase").
+    # a fresh one it learns them, though not every one in every seed (docs/REPRODUCTION.md, "A
+    # short-question phase" and "Three seeds").
     fresh_llm: bool = False
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
 

@@ -53,7 +53,7 @@ def main(data: Path, models: list[str]) -> None:
     n_fit = sum(1 for n, _ in cells if n < 1500)
     print(f"tower layer features: {probe(tower, cells, labels, n_fit):.3f}")
     for m in models:
-        projector = load_model(m).multi_modal_projector
+        projector = (first if m == models[0] else load_model(m)).multi_modal_projector
         with torch.no_grad():
             out = projector(tower.to(next(projector.parameters()).dtype))
         print(f"{m} projector output: {probe(out, cells, labels, n_fit):.3f}")
