@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--standardize", action="store_true",
                    help="z-score each feature dimension over the training scenes (what a whitening projector init does)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="0: only score --model as it is")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then a constant lr")
     p.add_argument("--cosine", action="store_true", help="after the warm-up, cosine decay to 0 at --steps (stage 2's schedule)")
@@ -286,6 +286,21 @@ def main() -> None:
     forms = sorted(by_form_train)
     print(f"{a.learner}, {a.forms}, scene {a.scene}: {len(train)} training questions, {len(scored)} scored; "
           f"batch {a.batch}, lr {a.lr}")
+    def report(step, loss):
+        learner.eval()
+        by_form = defaultdict(list)
+        with torch.no_grad():
+            for i in range(0, len(scored), 100):
+                for r, hit in zip(scored[i : i + 100], hits_of(scored[i : i + 100])[1].tolist()):
+                    by_form[r.form].append(hit)
+        learner.train()
+        every = [h for v in by_form.values() for h in v]
+        print(f"step {step:5d}  loss {loss:.3f}  held-out exact {sum(every) / len(every):.3f}  "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        if len(by_form) > 1:
+            for form, v in sorted(by_form.items()):
+                print(f"    {form:16s} {sum(v) / len(v):.3f}  (n={len(v)})", flush=True)
+
     for step in range(1, a.steps + 1):
         pool = by_form_train[rng.choice(forms)] if a.one_form_batches else train
         loss, _ = hits_of(rng.sample(pool, a.batch))
@@ -294,19 +309,9 @@ def main() -> None:
         opt.step()
         warm.step()
         if step % a.eval_every == 0 or step == a.steps:
-            learner.eval()
-            by_form = defaultdict(list)
-            with torch.no_grad():
-                for i in range(0, len(scored), 100):
-                    for r, hit in zip(scored[i : i + 100], hits_of(scored[i : i + 100])[1].tolist()):
-                        by_form[r.form].append(hit)
-            learner.train()
-            every = [h for v in by_form.values() for h in v]
-            print(f"step {step:5d}  loss {loss.item():.3f}  held-out exact {sum(every) / len(every):.3f}  "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-            if len(by_form) > 1:
-                for form, v in sorted(by_form.items()):
-                    print(f"    {form:16s} {sum(v) / len(v):.3f}  (n={len(v)})", flush=True)
+            report(step, loss.item())
+    if a.steps == 0:  # score a saved checkpoint (--model) as it is
+        report(0, float("nan"))
     if a.misses and a.learner == "decoder":
         learner.eval()
         misses = []
