@@ -286,7 +286,8 @@ def main() -> None:
     forms = sorted(by_form_train)
     print(f"{a.learner}, {a.forms}, scene {a.scene}: {len(train)} training questions, {len(scored)} scored; "
           f"batch {a.batch}, lr {a.lr}")
-    def report(step, loss):
+
+    def report(step, loss):  # "held-out": of lookup.py's own training split (a recipe's phase saw these scenes)
         learner.eval()
         by_form = defaultdict(list)
         with torch.no_grad():
