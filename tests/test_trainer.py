@@ -229,6 +229,24 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _run_and_kill(cmd: list[str], out: Path, at_step: int, total: int) -> int:
+    """Start a training command, SIGKILL it (and any workers) once its checkpoint reaches at_step;
+    returns the step the checkpoint holds."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint-last" / "trainer_state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= at_step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    stopped_at = json.loads(state.read_text())["step"]
+    assert at_step <= stopped_at < total and not (out / "final").exists()
+    return stopped_at
+
+
 def test_torchrun_two_processes_match_one(smoke, tmp_path):
     common = ["--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1"]
     one = subprocess.run([sys.executable, "-m", "llava_rt.trainer.cli", *_stage_cmd(smoke, tmp_path / "one", *common)],
@@ -247,6 +265,32 @@ def test_torchrun_two_processes_match_one(smoke, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_fsdp_matches_one_process_and_resumes_after_a_kill(smoke, tmp_path):
+    """`--fsdp` under torchrun (FSDP2, gloo): killed midway and resumed from its gathered full checkpoint,
+    it ends at the one-process weights."""
+    common = ["--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2", "--save-every", "1"]
+    one = subprocess.run([sys.executable, "-m", "llava_rt.trainer.cli", *_stage_cmd(smoke, tmp_path / "one", *common)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "llava_rt.trainer.cli", *_stage_cmd(smoke, out, *common, "--fsdp")]
+    _run_and_kill(cmd, out, 4, 12)  # torchrun and both workers
+    # the checkpoint holds full tensors, not one rank's shards
+    wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    wk = load_file(out / "checkpoint-last" / "model" / "model.safetensors")
+    assert {k: v.shape for k, v in wk.items()} == {k: v.shape for k, v in wa.items()}
+
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    wb = load_file(out / "final" / "model.safetensors")
+    changed = 0
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+        changed += not torch.equal(wb[k], wk[k])
+    assert changed > 0  # the resumed steps trained
+
+
 def test_killed_run_resumes_to_the_same_weights(smoke, tmp_path):
     common = ["--batch-size", "4", "--micro-batch-size", "2", "--epochs", "2", "--save-every", "1"]
     ref = subprocess.run([sys.executable, "-m", "llava_rt.trainer.cli", *_stage_cmd(smoke, tmp_path / "ref", *common)],
@@ -255,18 +299,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke, tmp_path):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "llava_rt.trainer.cli", *_stage_cmd(smoke, out, *common)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoint-last" / "trainer_state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 5:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    stopped_at = json.loads(state.read_text())["step"]
-    assert 5 <= stopped_at < 24 and not (out / "final").exists()
+    stopped_at = _run_and_kill(cmd, out, 5, 24)
 
     resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

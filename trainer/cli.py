@@ -47,6 +47,9 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument("--fresh-llm", action="store_true",
                    help="start from a freshly initialised LLM (the tower, projector and tokenizer kept)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0: none")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard, "
+                        "one unit per transformer layer) instead of replicating them with DDP")
     _precision_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last if present")
 
@@ -150,7 +153,7 @@ def run(args) -> int:
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          gradient_checkpointing=args.gradient_checkpointing, limit=args.limit,
                          tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
-                         compile=args.compile, group_by_length=not args.no_group_by_length,
+                         compile=args.compile, fsdp=args.fsdp, group_by_length=not args.no_group_by_length,
                          fresh_llm=args.fresh_llm, max_grad_norm=args.max_grad_norm)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)

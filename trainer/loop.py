@@ -3,6 +3,8 @@
 - data parallel under torchrun (DDP; gloo on CPU, nccl on CUDA) with the same arithmetic as one
   process: every step sees the same global batch, and the loss is the sum over its tokens
   divided by the global token count, so 2 processes give the 1-process loss up to rounding;
+  or, with `fsdp`, FSDP2 (`fully_shard`: parameters, gradients and optimizer state sharded over
+  the processes, one unit per transformer layer), the same arithmetic again;
 - gradient accumulation (micro-batches) and optional gradient checkpointing;
 - bf16 autocast on CUDA, and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX: 2-3x faster
   than fp32 there; elsewhere bf16 is emulated and slower, so "auto" keeps fp32);
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -51,6 +54,7 @@ class TrainConfig:
     stop_after: int = 0  # stop (resumably) after this many steps of this run; 0 = run to the end
     precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast (fp32 master weights) or none
     compile: bool = False  # torch.compile the forward and backward (dynamic shapes: batches vary in length)
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (the module doc)
     desc: str = "training"
 
 
@@ -114,10 +118,10 @@ def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _save_state(path: Path, model, optimizer, scheduler, step: int, cfg: TrainConfig, save_model: Callable) -> None:
+def _save_state(path: Path, model, optim_state: dict, scheduler, step: int, cfg: TrainConfig, save_model: Callable) -> None:
     tmp, commit = atomic_directory(path)
     save_model(model, tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     py_state = random.getstate()
     (tmp / "trainer_state.json").write_text(json.dumps({
@@ -126,16 +130,58 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, cfg: TrainCo
     commit()
 
 
-def _load_state(path: Path, optimizer, scheduler) -> int:
+def _load_state(path: Path, optimizer, scheduler, sharded_model=None) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     # weights_only: tensors and plain containers, never arbitrary pickled objects.
     blob = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded_model is not None:  # FSDP: the full state, keyed by parameter name; each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(sharded_model, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     v, internal, gauss = state["python_rng"]
     random.setstate((v, tuple(internal), gauss))
     return state["step"]
+
+
+def _fully_shard(model: torch.nn.Module, params: list) -> list:
+    """FSDP2 in place: a unit per layer of every ModuleList (the transformer blocks), then the rest
+    (embeddings, projector, head: tied weights stay in one unit). fully_shard swaps in new sharded
+    parameters, so `params` (a list or AdamW groups) is returned rewritten to them, by name."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                fully_shard(layer)
+    fully_shard(model)
+    by_name = dict(model.named_parameters())
+    remap = lambda ps: [by_name[names[id(p)]] for p in ps]  # noqa: E731
+    return [{**g, "params": remap(g["params"])} for g in params] if isinstance(params[0], dict) else remap(params)
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's structure with its parameters on the meta device (no memory): under FSDP rank 0
+    loads the gathered full weights into it, to save them in the usual layout."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _gather_full(model: torch.nn.Module, optimizer, template: torch.nn.Module | None) -> tuple:
+    """FSDP, a collective (every rank calls it): the full weights loaded into `template` and the full
+    optimizer state, on rank 0 (None and {} elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if template is not None:
+        template.load_state_dict(weights, assign=True)
+    return template, optim_state
 
 
 def batch_indices(n: int, step: int, steps_per_epoch: int, batch_size: int, seed: int,
@@ -172,18 +218,26 @@ def train(
     dist_info: DistInfo | None = None,
     resume_from: Path | None = None,
     lengths: np.ndarray | None = None,
+    final_dir: Path | None = None,
 ) -> dict:
     """Train `params` of `model` (parameters, or AdamW param groups where one needs its own lr).
     loss_fn(model, indices) -> (summed loss, count) over those examples; count_fn(indices) -> the
     same count without a forward, used to normalise the global batch.
-    Returns the summary (final loss, steps, seconds). Writes out_dir/checkpoint-last/ and metrics."""
+    Returns the summary (final loss, steps, seconds). Writes out_dir/checkpoint-last/, metrics, and
+    when the run finishes and `final_dir` is given, the model there (save_model)."""
     d = dist_info or DistInfo()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    wrapped = model
-    if d.world > 1:
+    fsdp = cfg.fsdp and d.world > 1
+    if fsdp and cfg.compile:
+        raise ValueError("--fsdp with --compile is not supported yet: drop one of them")
+    wrapped, template = model, None
+    if fsdp:
+        template = _meta_copy(model) if d.main else None
+        params = _fully_shard(model, params)
+    elif d.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     if cfg.compile:  # after DDP, as torch's DDP + compile docs ask; no_sync and the weights stay the model's
         wrapped = torch.compile(wrapped, dynamic=True)
@@ -196,7 +250,7 @@ def train(
     start = 0
     last = out / "checkpoint-last"
     if resume_from is not None:
-        start = _load_state(resume_from, optimizer, scheduler)
+        start = _load_state(resume_from, optimizer, scheduler, model if fsdp else None)
     per_rank = cfg.batch_size // d.world
     if per_rank * d.world != cfg.batch_size or per_rank % cfg.micro_batch_size:
         raise ValueError(
@@ -218,7 +272,9 @@ def train(
         loss_sum = torch.zeros((), device=d.device)
         for k, part in enumerate(micro):
             sync = k == len(micro) - 1 or d.world == 1
-            ctx = wrapped.no_sync() if (d.world > 1 and not sync) else nullcontext()
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+            ctx = wrapped.no_sync() if (d.world > 1 and not sync and not fsdp) else nullcontext()
             with ctx, autocast:
                 total_loss, _ = loss_fn(wrapped, part)
                 # DDP averages gradients over processes; scale by world so the result is the global sum / count.
@@ -239,15 +295,22 @@ def train(
                 f.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                     "epoch": (step + 1) / steps_per_epoch, "elapsed_s": round(time.time() - t0, 2)}) + "\n")
         done = step + 1
-        if d.main and ((cfg.save_every and done % cfg.save_every == 0) or done == end):
-            _save_state(last, model, optimizer, scheduler, done, cfg, save_model)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            full, optim_state = _gather_full(model, optimizer, template) if fsdp else (model, optimizer.state_dict())
+            if d.main:
+                _save_state(last, full, optim_state, scheduler, done, cfg, save_model)
         if d.world > 1:
             dist.barrier()
     bar.close()
+    finished = step + 1 >= total
+    if fsdp and finished and final_dir is not None and start >= end:  # resumed a finished run: nothing gathered yet
+        _gather_full(model, optimizer, template)
     if d.main:
         plot_loss(metrics_path, out / "loss.png", cfg.desc)
+        if finished and final_dir is not None:
+            save_model(template if fsdp else model, final_dir)
     return {"final_loss": loss_value, "steps": step + 1 - start, "total_steps": total, "seconds": time.time() - t0,
-            "finished": step + 1 >= total}
+            "finished": finished}
 
 
 def plot_loss(metrics_path: Path, png: Path, title: str) -> None:

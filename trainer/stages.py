@@ -177,6 +177,7 @@ class StageConfig:
     stop_after: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (trainer/loop.py)
     compile: bool = False  # torch.compile the training step (trainer/loop.py)
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (trainer/loop.py)
     # Batches of similar length (LLaVA's group_by_length). Off for the short-question phase: there a
     # length is nearly a question form, and batches of one form teach nothing (docs/REPRODUCTION.md).
     group_by_length: bool = True
@@ -245,13 +246,11 @@ def run_stage(
     cfg = TrainConfig(out_dir=str(out_dir), lr=sc.lr, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
-                      precision=sc.precision, compile=sc.compile, max_grad_norm=sc.max_grad_norm,
+                      precision=sc.precision, compile=sc.compile, fsdp=sc.fsdp, max_grad_norm=sc.max_grad_norm,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples]) if sc.group_by_length else None
     summary = train(model, groups, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
-                    resume_from, lengths=lengths)
-    if d.main and summary["finished"]:
-        save_checkpoint(model, out_dir / "final", copy_from=model_dir)
+                    resume_from, lengths=lengths, final_dir=out_dir / "final")
     summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable + vision))
     return summary
