@@ -187,6 +187,7 @@ class StageConfig:
     # short-question phase" and "Three seeds").
     fresh_llm: bool = False
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
+    weight_decay: float = 0.0  # AdamW's decoupled decay (the paper: none)
 
 
 def run_stage(
@@ -247,6 +248,7 @@ def run_stage(
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
                       precision=sc.precision, compile=sc.compile, fsdp=sc.fsdp, max_grad_norm=sc.max_grad_norm,
+                      weight_decay=sc.weight_decay,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples]) if sc.group_by_length else None
