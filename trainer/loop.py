@@ -277,7 +277,7 @@ def train(
             ctx = wrapped.no_sync() if (d.world > 1 and not sync and not fsdp) else nullcontext()
             with ctx, autocast:
                 total_loss, _ = loss_fn(wrapped, part)
-                # DDP averages gradients over processes; scale by world so the result is the global sum / count.
+                # DDP and FSDP average gradients over processes; scale by world so the result is the global sum / count.
                 (total_loss * d.world / global_count).backward()
             loss_sum += total_loss.detach().float()
         if d.world > 1:
