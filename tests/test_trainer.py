@@ -596,7 +596,8 @@ def test_patch_coverage_finds_the_rendered_objects():
 def test_patch_region_loss_matches_a_loop_over_patches():
     """The per-patch region loss of the base CLIP: for every present object, each patch's
     cross-entropy against the object's phrase, weighted by the share of the object's box in that
-    patch, averaged over objects. Checked against a plain loop over images, objects and patches."""
+    patch, averaged over objects; summed over the phrase vocabularies (objects, and places in a
+    softmax of their own). Checked against a plain loop over vocabularies, images, objects and patches."""
     import torch.nn.functional as F
 
     from llava_rt.config import TextConfig, VisionConfig
@@ -612,28 +613,35 @@ def test_patch_region_loss_matches_a_loop_over_patches():
     coverage = coverage / coverage.sum(-1, keepdim=True).clamp(min=1e-9)
     labels = torch.tensor([[2, 0, -1, -1], [5, 1, 3, -1], [4, -1, -1, -1]])
     coverage[labels < 0] = 0
-    phrase_ids, phrase_lengths = torch.randint(4, 40, (6, 4)), torch.tensor([4, 3, 4, 2, 4, 3])
+    objects = (labels, torch.randint(4, 40, (6, 4)), torch.tensor([4, 3, 4, 2, 4, 3]))
+    places = (torch.where(labels >= 0, torch.tensor([[1, 2, 0, 0], [0, 2, 1, 0], [2, 0, 0, 0]]), -1),
+              torch.randint(4, 40, (3, 3)), torch.tensor([3, 2, 3]))
     with torch.no_grad():
-        both = model(pixels, ids, lengths, (coverage, labels, phrase_ids, phrase_lengths))
         contrastive = model(pixels, ids, lengths)
+        one = model(pixels, ids, lengths, (coverage, objects)) - contrastive
+        both = model(pixels, ids, lengths, (coverage, objects, places)) - contrastive
         patches = model.vision.hidden_states(pixels, upto=2)[-2][:, 1:]
-        phrases = model.embed_text(phrase_ids, phrase_lengths)
         scale = model.logit_scale.exp()
-        want, n = 0.0, 0
-        for b in range(3):
-            for k in range(4):
-                if labels[b, k] < 0:
-                    continue
-                n += 1
-                for p in range(16):
-                    logits = scale * F.normalize(model.region_projection(patches[b, p]), dim=-1) @ phrases.t()
-                    want += coverage[b, k, p] * F.cross_entropy(logits[None], labels[b, k][None])
-    torch.testing.assert_close(both - contrastive, want / n, rtol=1e-5, atol=1e-6)
-    assert (both - contrastive) > 0.1  # a real loss term, not a zero that passes trivially
+        want = []
+        for vocab_labels, phrase_ids, phrase_lengths in (objects, places):
+            phrases = model.embed_text(phrase_ids, phrase_lengths)
+            total, n = 0.0, 0
+            for b in range(3):
+                for k in range(4):
+                    if vocab_labels[b, k] < 0:
+                        continue
+                    n += 1
+                    for p in range(16):
+                        logits = scale * F.normalize(model.region_projection(patches[b, p]), dim=-1) @ phrases.t()
+                        total += coverage[b, k, p] * F.cross_entropy(logits[None], vocab_labels[b, k][None])
+            want.append(total / n)
+    torch.testing.assert_close(one, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both, want[0] + want[1], rtol=1e-5, atol=1e-6)
+    assert want[0] > 0.1 and want[1] > 0.1  # real loss terms, not zeros that pass trivially
 
 
 def test_region_phrases_name_each_object_and_optionally_its_place():
-    from llava_rt.trainer.recipe import region_phrases
+    from llava_rt.trainer.recipe import place_phrases, region_phrases
     from llava_rt.trainer.world import COLORS, SHAPES, SIZES, sample_scene
 
     rng = random.Random(3)
@@ -646,4 +654,9 @@ def test_region_phrases_name_each_object_and_optionally_its_place():
             for o, k in zip(s.objects, row):
                 want = f"{o.size} {o.color} {o.shape}" + (f" at the {o.position}" if with_position else "")
                 assert phrases[k] == want
+    places, labels = place_phrases(scenes)
+    assert len(places) == len(set(places)) == 9 and "at the top left" in places and "at the center" in places
+    for s, row in zip(scenes, labels):
+        assert (row[len(s.objects):] == -1).all()
+        assert [places[k] for k in row[: len(s.objects)]] == [f"at the {o.position}" for o in s.objects]
 

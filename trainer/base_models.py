@@ -47,7 +47,11 @@ class ContrastiveCLIP(nn.Module):
     the objects whose boxes it holds (weighted by the share of each box it holds). Pooling alone
     lets an object's shape live in the pool, not in each patch (a probe reads shape at 99% from the
     pool, 84% from the best single patch), and the decoder looks up one patch at a time. Only the
-    vision tower is kept."""
+    vision tower is kept.
+
+    A second vocabulary of phrases, the 9 places ("at the top left"), teaches every patch of an
+    object where the object is, in its own softmax beside the "size colour shape" one (9 + 60
+    phrases where one joint softmax would need 540)."""
 
     def __init__(self, vision: VisionConfig, text: TextConfig, embed_dim: int, feature_layer: int = -2,
                  region_weight: float = 0.0, patch_weight: float = 0.0):
@@ -68,10 +72,26 @@ class ContrastiveCLIP(nn.Module):
         hidden = self.text(self.text.embed_tokens(ids), pos)
         return F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)
 
+    def _region_loss(self, patches: torch.Tensor, coverage: torch.Tensor, labels: torch.Tensor,
+                     phrases: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The pooled and per-patch region losses of one phrase vocabulary (class docstring)."""
+        present, loss = labels >= 0, 0.0
+        if self.region_weight > 0:
+            pooled = torch.einsum("bkp,bpd->bkd", coverage, patches)[present]
+            phrase_logits = scale * F.normalize(self.region_projection(pooled), dim=-1) @ phrases.t()
+            loss = loss + self.region_weight * F.cross_entropy(phrase_logits, labels[present])
+        if self.patch_weight > 0:
+            log_p = F.log_softmax(scale * F.normalize(self.region_projection(patches), dim=-1) @ phrases.t(), -1)
+            # [B, patches, objects]: each patch's log-probability of each object's phrase
+            per_object = log_p.gather(2, labels.clamp(min=0)[:, None, :].expand(-1, patches.shape[1], -1))
+            weighted = (coverage.transpose(1, 2) * per_object * present[:, None, :]).sum()
+            loss = loss - self.patch_weight * weighted / present.sum().clamp(min=1)
+        return loss
+
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
-                regions: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """regions: (coverage [B, objects, patches], phrase index [B, objects] (-1: none),
-        phrase ids [P, L], phrase lengths [P])."""
+                regions: tuple | None = None) -> torch.Tensor:
+        """regions: (coverage [B, objects, patches], then one or more phrase vocabularies, each
+        (phrase index [B, objects] (-1: none), phrase ids [P, L], phrase lengths [P]))."""
         hidden = self.vision.hidden_states(pixels, upto=self.n_vision_layers)
         img = F.normalize(self.visual_projection(self.vision.post_layernorm(hidden[-1][:, 0])), dim=-1)
         txt = self.embed_text(ids, lengths)
@@ -80,19 +100,10 @@ class ContrastiveCLIP(nn.Module):
         target = torch.arange(len(ids), device=ids.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         if regions is not None:
-            coverage, labels, phrase_ids, phrase_lengths = regions
-            patches, present = hidden[self.feature_layer][:, 1:], labels >= 0
-            phrases = self.embed_text(phrase_ids, phrase_lengths)
-            if self.region_weight > 0:
-                pooled = torch.einsum("bkp,bpd->bkd", coverage, patches)[present]
-                phrase_logits = scale * F.normalize(self.region_projection(pooled), dim=-1) @ phrases.t()
-                loss = loss + self.region_weight * F.cross_entropy(phrase_logits, labels[present])
-            if self.patch_weight > 0:
-                log_p = F.log_softmax(scale * F.normalize(self.region_projection(patches), dim=-1) @ phrases.t(), -1)
-                # [B, patches, objects]: each patch's log-probability of each object's phrase
-                per_object = log_p.gather(2, labels.clamp(min=0)[:, None, :].expand(-1, patches.shape[1], -1))
-                weighted = (coverage.transpose(1, 2) * per_object * present[:, None, :]).sum()
-                loss = loss - self.patch_weight * weighted / present.sum().clamp(min=1)
+            coverage, *vocabularies = regions
+            patches = hidden[self.feature_layer][:, 1:]
+            for labels, phrase_ids, phrase_lengths in vocabularies:
+                loss = loss + self._region_loss(patches, coverage, labels, self.embed_text(phrase_ids, phrase_lengths), scale)
         return loss
 
 
@@ -155,6 +166,8 @@ class ClipRegions:
     coverage: np.ndarray  # [N, objects, patches] float, rows of absent objects zero (world.patch_coverage)
     labels: np.ndarray  # [N, objects] int, index into phrases, -1 for none
     phrases: list[list[int]]  # token ids of every "size colour shape" phrase
+    place_labels: np.ndarray | None = None  # [N, objects] int, index into places, -1 for none
+    places: list[list[int]] | None = None  # token ids of every place phrase ("at the top left")
 
 
 def _pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -176,13 +189,16 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
                             *((recipe.region_weight, recipe.patch_weight) if use_regions else (0.0, 0.0)))
     ids, lengths = _pad(captions)
     if use_regions:
-        phrase_ids, phrase_lengths = (torch.from_numpy(a) for a in _pad(regions.phrases))
+        vocabularies = [(regions.labels, *(torch.from_numpy(a) for a in _pad(regions.phrases)))]
+        if regions.places is not None:
+            vocabularies.append((regions.place_labels, *(torch.from_numpy(a) for a in _pad(regions.places))))
 
     def loss_fn(m, idx):
         px = torch.from_numpy(pixels[idx].astype(np.float32))
         boxes = None
         if use_regions:
-            boxes = (torch.from_numpy(regions.coverage[idx]), torch.from_numpy(regions.labels[idx]), phrase_ids, phrase_lengths)
+            boxes = (torch.from_numpy(regions.coverage[idx]),
+                     *((torch.from_numpy(labels[idx]), p_ids, p_lengths) for labels, p_ids, p_lengths in vocabularies))
         return m(px, torch.from_numpy(ids[idx]), torch.from_numpy(lengths[idx]), boxes), 1
 
     cfg = TrainConfig(out_dir=str(out_dir / "clip-run"), lr=recipe.lr, batch_size=recipe.batch_size,

@@ -41,7 +41,7 @@ from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
 from .data import corpus_text, generate_dataset, load_scenes, write_short_questions
 from .instructions import at_position, describe, detailed_description
-from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage
+from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage, position_name
 from .stages import StageConfig, build_llava, run_stage
 
 
@@ -69,6 +69,8 @@ class Recipe:
     # linear in the tower's features but did not help "where" questions (docs/REPRODUCTION.md, "Alone,
     # mixed, and where things are"), so the presets leave it off.
     clip_phrase_position: bool = False
+    # The region losses' second vocabulary, the 9 place phrases in their own softmax (trainer/base_models.py).
+    clip_place_phrases: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
     notes: dict = field(default_factory=dict)
@@ -137,6 +139,17 @@ def region_phrases(scenes: list, with_position: bool = False) -> tuple[list[str]
     return phrases, labels
 
 
+def place_phrases(scenes: list) -> tuple[list[str], np.ndarray]:
+    """The 9 place phrases ("at the top left", ...) and, per scene, the index of each object's place
+    ([scenes, MAX_OBJECTS], -1: none)."""
+    cells = [(row, col) for row in range(len(ROWS)) for col in range(len(COLS))]
+    places = [at_position(position_name(row, col)) for row, col in cells]
+    labels = np.full((len(scenes), MAX_OBJECTS), -1, dtype=np.int64)
+    for i, s in enumerate(scenes):
+        labels[i, : len(s.objects)] = [o.row * len(COLS) + o.col for o in s.objects]
+    return places, labels
+
+
 def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> dict:
     """Tokenizer, contrastive CLIP and causal LM trained on the data set's training split."""
     timings = {}
@@ -161,8 +174,10 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
 
     captions = [encode(detailed_description(s)) for _, s in scenes[: r.n_train]]
     phrases, labels = region_phrases([s for _, s in scenes[: r.n_train]], r.clip_phrase_position)
+    places, place_labels = place_phrases([s for _, s in scenes[: r.n_train]]) if r.clip_place_phrases else (None, None)
     regions = ClipRegions(np.stack([patch_coverage(s, r.image_size, r.vision.patch_size) for _, s in scenes[: r.n_train]]),
-                          labels, [encode(p) for p in phrases])
+                          labels, [encode(p) for p in phrases], place_labels,
+                          [encode(p) for p in places] if places else None)
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=512)
     clip_recipe = ClipRecipe(r.vision, clip_text, epochs=r.clip_epochs, batch_size=r.clip_batch, lr=r.clip_lr,
