@@ -19,9 +19,11 @@ short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epo
 Stage 2's learning rate is higher than the paper's 2e-5 because our LLM is tiny and was
 pretrained on little text; 2e-5 is tuned for fine-tuning a 7B Vicuna that already speaks well.
 
-The base CLIP (no paper counterpart: the paper starts from OpenAI's) adds a region loss to
-InfoNCE, each object's box-pooled patches against its "size colour shape" phrase; without it the
-frozen tower hardly encodes shape (docs/REPRODUCTION.md has the probe).
+The base CLIP (no paper counterpart: the paper starts from OpenAI's) adds region losses to
+InfoNCE: each object's box-pooled patches, and each patch under it, against its "size colour
+shape" phrase and, in a second softmax, its place phrase ("at the top left"). Without the first
+the frozen tower hardly encodes shape; without the second the projector drops where an object is,
+and the decoder answered "where" at about chance (docs/REPRODUCTION.md has the probes).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class Recipe:
     # linear in the tower's features but did not help "where" questions (docs/REPRODUCTION.md, "Alone,
     # mixed, and where things are"), so the presets leave it off.
     clip_phrase_position: bool = False
-    # The region losses' second vocabulary, the 9 place phrases in their own softmax (trainer/base_models.py).
+    # The region losses' second vocabulary: the 9 place phrases in their own softmax (trainer/base_models.py),
+    # so every patch of an object says where the object is; it is what taught "where" (docs/REPRODUCTION.md,
+    # "Where things are, from the tower").
     clip_place_phrases: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
@@ -85,7 +89,7 @@ def preset(name: str) -> Recipe:
             text=TextConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512),
             clip_epochs=45, clip_batch=128, clip_lr=2e-3, clip_region_weight=1.0, clip_patch_weight=1.0,
-            lm_epochs=0.3,
+            clip_place_phrases=True, lm_epochs=0.3,
             stage1=StageConfig(stage=1, lr=2e-3, batch_size=64, micro_batch_size=64, epochs=1),
             stage2=StageConfig(stage=2, lr=1e-3, batch_size=32, micro_batch_size=32, epochs=4),
         ))
@@ -96,7 +100,8 @@ def preset(name: str) -> Recipe:
                                 image_size=32, patch_size=16, projection_dim=16),
             text=TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-            clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, clip_patch_weight=1.0, lm_epochs=4,
+            clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, clip_patch_weight=1.0,
+            clip_place_phrases=True, lm_epochs=4,
             stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
             stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=4),
         ), smoke=True)
