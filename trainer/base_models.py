@@ -189,9 +189,9 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
                             *((recipe.region_weight, recipe.patch_weight) if use_regions else (0.0, 0.0)))
     ids, lengths = _pad(captions)
     if use_regions:
-        vocabularies = [(regions.labels, *(torch.from_numpy(a) for a in _pad(regions.phrases)))]
-        if regions.places is not None:
-            vocabularies.append((regions.place_labels, *(torch.from_numpy(a) for a in _pad(regions.places))))
+        vocabularies = [(labels, *(torch.from_numpy(a) for a in _pad(phrases)))
+                        for labels, phrases in ((regions.labels, regions.phrases), (regions.place_labels, regions.places))
+                        if phrases is not None]
 
     def loss_fn(m, idx):
         px = torch.from_numpy(pixels[idx].astype(np.float32))

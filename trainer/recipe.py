@@ -130,6 +130,15 @@ def image_processor_for(size: int) -> ImageProcessorConfig:
                                 image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_pad=True)
 
 
+def _object_labels(scenes: list, phrases: list[str], phrase_of) -> np.ndarray:
+    """Per scene, the index in `phrases` of each object's phrase ([scenes, MAX_OBJECTS], -1: none)."""
+    index = {p: i for i, p in enumerate(phrases)}
+    labels = np.full((len(scenes), MAX_OBJECTS), -1, dtype=np.int64)
+    for i, s in enumerate(scenes):
+        labels[i, : len(s.objects)] = [index[phrase_of(o)] for o in s.objects]
+    return labels
+
+
 def region_phrases(scenes: list, with_position: bool = False) -> tuple[list[str], np.ndarray]:
     """Every phrase the region loss contrasts ("large red circle", or with_position "large red circle
     at the top left") and, per scene, the index of each object's phrase ([scenes, MAX_OBJECTS], -1: none)."""
@@ -137,22 +146,14 @@ def region_phrases(scenes: list, with_position: bool = False) -> tuple[list[str]
     cells = [(row, col) for row in range(len(ROWS)) for col in range(len(COLS))] if with_position else [(0, 0)]
     phrases = [phrase(SceneObject(color, shape, size, row, col)) for size in SIZES for color in COLORS
                for shape in SHAPES for row, col in cells]
-    index = {p: i for i, p in enumerate(phrases)}
-    labels = np.full((len(scenes), MAX_OBJECTS), -1, dtype=np.int64)
-    for i, s in enumerate(scenes):
-        labels[i, : len(s.objects)] = [index[phrase(o)] for o in s.objects]
-    return phrases, labels
+    return phrases, _object_labels(scenes, phrases, phrase)
 
 
 def place_phrases(scenes: list) -> tuple[list[str], np.ndarray]:
     """The 9 place phrases ("at the top left", ...) and, per scene, the index of each object's place
     ([scenes, MAX_OBJECTS], -1: none)."""
-    cells = [(row, col) for row in range(len(ROWS)) for col in range(len(COLS))]
-    places = [at_position(position_name(row, col)) for row, col in cells]
-    labels = np.full((len(scenes), MAX_OBJECTS), -1, dtype=np.int64)
-    for i, s in enumerate(scenes):
-        labels[i, : len(s.objects)] = [o.row * len(COLS) + o.col for o in s.objects]
-    return places, labels
+    places = [at_position(position_name(row, col)) for row in range(len(ROWS)) for col in range(len(COLS))]
+    return places, _object_labels(scenes, places, lambda o: at_position(o.position))
 
 
 def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> dict:
@@ -177,10 +178,11 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     def encode(s: str) -> list[int]:
         return text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
 
-    captions = [encode(detailed_description(s)) for _, s in scenes[: r.n_train]]
-    phrases, labels = region_phrases([s for _, s in scenes[: r.n_train]], r.clip_phrase_position)
-    places, place_labels = place_phrases([s for _, s in scenes[: r.n_train]]) if r.clip_place_phrases else (None, None)
-    regions = ClipRegions(np.stack([patch_coverage(s, r.image_size, r.vision.patch_size) for _, s in scenes[: r.n_train]]),
+    train_scenes = [s for _, s in scenes[: r.n_train]]
+    captions = [encode(detailed_description(s)) for s in train_scenes]
+    phrases, labels = region_phrases(train_scenes, r.clip_phrase_position)
+    places, place_labels = place_phrases(train_scenes) if r.clip_place_phrases else (None, None)
+    regions = ClipRegions(np.stack([patch_coverage(s, r.image_size, r.vision.patch_size) for s in train_scenes]),
                           labels, [encode(p) for p in phrases], place_labels,
                           [encode(p) for p in places] if places else None)
     clip_text = TextConfig(vocab_size=ids.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
