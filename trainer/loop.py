@@ -55,6 +55,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32: bf16 autocast (fp32 master weights) or none
     compile: bool = False  # torch.compile the forward and backward (dynamic shapes: batches vary in length)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (the module doc)
+    # With `lengths` given to train(): batches of similar length (the LLaVA repo's group_by_length). Either
+    # way each process sorts its share of a batch by length before cutting micro-batches, so a short
+    # example is padded only to its neighbours; the gradient is the same (one sum over the batch).
+    group_by_length: bool = True
     desc: str = "training"
 
 
@@ -265,9 +269,12 @@ def train(
     t0, loss_value, step = time.time(), float("nan"), start
     end = total if not cfg.stop_after else min(total, start + cfg.stop_after)
     for step in range(start, end):
-        idx = batch_indices(n_examples, step, steps_per_epoch, cfg.batch_size, cfg.seed, lengths)
+        idx = batch_indices(n_examples, step, steps_per_epoch, cfg.batch_size, cfg.seed,
+                            lengths if cfg.group_by_length else None)
         global_count = max(1, count_fn(idx))
         mine = idx[d.rank * per_rank : (d.rank + 1) * per_rank]
+        if lengths is not None:
+            mine = mine[np.argsort(lengths[mine], kind="stable")]
         micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         loss_sum = torch.zeros((), device=d.device)
         for k, part in enumerate(micro):

@@ -103,7 +103,7 @@ def preset(name: str) -> Recipe:
             clip_epochs=2, clip_batch=32, clip_lr=1e-3, clip_region_weight=1.0, clip_patch_weight=1.0,
             clip_place_phrases=True, lm_epochs=4,
             stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
-            stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=4),
+            stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=4, log_every=1),
         ), smoke=True)
     raise ValueError(f"unknown recipe {name!r}; choose default or smoke")
 
@@ -112,7 +112,7 @@ def with_short_phase(r: Recipe, smoke: bool = False) -> Recipe:
     """Stage 2 opened by the short-question phase (module doc), then 2 epochs of the mix."""
     # Not fresh for smoke: its 96 scenes are too few to learn from scratch.
     r.short_phase = StageConfig(stage=2, lr=r.stage2.lr, batch_size=32 if smoke else 128,
-                                micro_batch_size=16 if smoke else 128, epochs=1 if smoke else 3,
+                                micro_batch_size=16 if smoke else 32, epochs=1 if smoke else 3,
                                 group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0)
     r.stage2.epochs = 2
     return r

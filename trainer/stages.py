@@ -180,6 +180,7 @@ class StageConfig:
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (trainer/loop.py)
     # Batches of similar length (LLaVA's group_by_length). Off for the short-question phase: there a
     # length is nearly a question form, and batches of one form teach nothing (docs/REPRODUCTION.md).
+    # Micro-batches are cut from a batch sorted by length either way (trainer/loop.py).
     group_by_length: bool = True
     # Start from a freshly initialised LLM (the tower, stage 1's projector and the tokenizer kept): from
     # our small base LM a short-question phase leaves the short answers at their most common value; from
@@ -188,6 +189,7 @@ class StageConfig:
     fresh_llm: bool = False
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
     weight_decay: float = 0.0  # AdamW's decoupled decay (the paper: none)
+    log_every: int = 10  # steps between lines of metrics.jsonl
 
 
 def run_stage(
@@ -248,10 +250,10 @@ def run_stage(
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
                       precision=sc.precision, compile=sc.compile, fsdp=sc.fsdp, max_grad_norm=sc.max_grad_norm,
-                      weight_decay=sc.weight_decay,
+                      weight_decay=sc.weight_decay, group_by_length=sc.group_by_length, log_every=sc.log_every,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
-    lengths = np.array([len(e.input_ids) for e in examples]) if sc.group_by_length else None
+    lengths = np.array([len(e.input_ids) for e in examples])
     summary = train(model, groups, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
                     resume_from, lengths=lengths, final_dir=out_dir / "final")
     summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable + vision))
