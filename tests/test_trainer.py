@@ -166,6 +166,10 @@ def test_unmasked_right_padded_loss_is_exact_and_bf16_is_close(smoke):
         masked = F.cross_entropy(logits[:, :-1].flatten(0, 1), arrays["labels"][:, 1:].flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
         torch.testing.assert_close(data.loss(model, idx), masked, rtol=1e-5, atol=0)
+        # loss_mean="sample": each example's own mean over its answer tokens, summed over the examples
+        alone = [data.loss(model, [i]).item() / sum(t != IGNORE_INDEX for t in data.examples[i].labels[1:]) for i in idx]
+        assert len({round(a, 3) for a in alone}) > 8  # the examples really differ
+        torch.testing.assert_close(data.loss(model, idx, per_sample=True).item(), sum(alone), rtol=1e-5, atol=0)
         with autocast_for("bf16", torch.device("cpu")):
             bf16 = data.loss(model, idx)
         with autocast_for("fp32", torch.device("cpu")):
@@ -174,6 +178,11 @@ def test_unmasked_right_padded_loss_is_exact_and_bf16_is_close(smoke):
     assert bf16.item() != masked.item()  # it really ran in bf16
     with pytest.raises(ValueError, match="choose auto, bf16 or fp32"):
         autocast_for("fp16", torch.device("cpu"))
+    from llava_rt.trainer.stages import StageConfig, run_stage
+
+    with pytest.raises(ValueError, match="choose token or sample"):
+        run_stage(src, data_dir / "instruct.json", data_dir, smoke / "unused",
+                  StageConfig(stage=2, lr=1e-3, batch_size=8, micro_batch_size=8, epochs=1, loss_mean="answer"))
 
 
 def test_tune_vision_trains_the_tower_and_the_default_keeps_it_frozen(smoke, tmp_path):

@@ -128,8 +128,9 @@ class StageData:
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         return cls(examples, rejected, images, {p: i for i, p in enumerate(paths)}, pad, tune_vision)
 
-    def loss(self, model, idx) -> torch.Tensor:
-        """Summed cross-entropy over the labelled tokens of examples idx."""
+    def loss(self, model, idx, per_sample: bool = False) -> torch.Tensor:
+        """Summed cross-entropy over the labelled tokens of examples idx; per_sample: the sum over the
+        examples of each one's mean over its labelled tokens."""
         batch = [self.examples[i] for i in idx]
         device = next(model.parameters()).device
         arrays = {k: torch.from_numpy(v).to(device) for k, v in collate(batch, self.pad_id).items()}
@@ -141,8 +142,12 @@ class StageData:
             logits = model(arrays["input_ids"], pixel_values=None if images is None else images.float())
         else:
             logits = model(arrays["input_ids"], vision_features=images)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), arrays["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        labels = arrays["labels"][:, 1:]
+        token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="none").view(labels.shape)
+        if per_sample:
+            return (token.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)).sum()
+        return token.sum()
 
 
 def mean_loss(model_dir: Path, data_json: Path, image_folder: Path, stage: int, limit: int | None = None,
@@ -190,6 +195,9 @@ class StageConfig:
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
     weight_decay: float = 0.0  # AdamW's decoupled decay (the paper: none)
     log_every: int = 10  # steps between lines of metrics.jsonl
+    # "token": the loss is a mean over a batch's answer tokens (the LLaVA repo's); "sample": each sample's
+    # own token mean, then the mean over samples, so a long answer weighs no more than a short one.
+    loss_mean: str = "token"
 
 
 def run_stage(
@@ -203,6 +211,8 @@ def run_stage(
     log=print,
 ) -> dict:
     """Train one stage from model_dir; the result goes to out_dir/final (llava-hf layout)."""
+    if sc.loss_mean not in ("token", "sample"):
+        raise ValueError(f"loss_mean {sc.loss_mean!r}: choose token or sample")
     d = dist_info or DistInfo()
     out_dir = Path(out_dir)
     last = out_dir / "checkpoint-last"
@@ -240,8 +250,10 @@ def run_stage(
         groups.append({"params": vision, "lr": sc.lr if sc.vision_lr is None else sc.vision_lr})
     model.language_model.gradient_checkpointing = sc.gradient_checkpointing
 
+    per_sample = sc.loss_mean == "sample"
+
     def loss_fn(m, idx):
-        return data.loss(m, idx), 0
+        return data.loss(m, idx, per_sample), 0
 
     def save(m, path):
         save_checkpoint(m, path, copy_from=model_dir)
@@ -254,7 +266,8 @@ def run_stage(
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
-    summary = train(model, groups, len(examples), loss_fn, lambda idx: int(n_labels[idx].sum()), cfg, save, d,
+    count = (lambda idx: len(idx)) if per_sample else (lambda idx: int(n_labels[idx].sum()))
+    summary = train(model, groups, len(examples), loss_fn, count, cfg, save, d,
                     resume_from, lengths=lengths, final_dir=out_dir / "final")
     summary.update(samples=len(examples), rejected=len(rejected), trainable_params=sum(p.numel() for p in trainable + vision))
     return summary
