@@ -151,7 +151,7 @@ def test_unmasked_right_padded_loss_is_exact_and_bf16_is_close(smoke):
 
     from llava_rt.trainer.data import collate
     from llava_rt.trainer.loop import autocast_for
-    from llava_rt.trainer.stages import StageData
+    from llava_rt.trainer.stages import StageData, scored_tokens
 
     src, data_dir = smoke / "stage1" / "final", smoke / "data"
     model = load_model(src).eval()
@@ -167,7 +167,7 @@ def test_unmasked_right_padded_loss_is_exact_and_bf16_is_close(smoke):
                                  ignore_index=IGNORE_INDEX, reduction="sum")
         torch.testing.assert_close(data.loss(model, idx), masked, rtol=1e-5, atol=0)
         # loss_mean="sample": each example's own mean over its answer tokens, summed over the examples
-        alone = [data.loss(model, [i]).item() / sum(t != IGNORE_INDEX for t in data.examples[i].labels[1:]) for i in idx]
+        alone = [data.loss(model, [i]).item() / scored_tokens(data.examples[i]) for i in idx]
         assert len({round(a, 3) for a in alone}) > 8  # the examples really differ
         torch.testing.assert_close(data.loss(model, idx, per_sample=True).item(), sum(alone), rtol=1e-5, atol=0)
         with autocast_for("bf16", torch.device("cpu")):

@@ -150,6 +150,11 @@ class StageData:
         return token.sum()
 
 
+def scored_tokens(example) -> int:
+    """How many of an example's tokens the loss scores: the labelled ones, each predicted from the one before."""
+    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
+
+
 def mean_loss(model_dir: Path, data_json: Path, image_folder: Path, stage: int, limit: int | None = None,
               batch_size: int = 16) -> float:
     """Per-token loss of a checkpoint on a LLaVA file, with the stage's template (ablations, tests)."""
@@ -160,7 +165,7 @@ def mean_loss(model_dir: Path, data_json: Path, image_folder: Path, stage: int, 
         for i in range(0, len(data.examples), batch_size):
             idx = list(range(i, min(i + batch_size, len(data.examples))))
             total += data.loss(model, idx).item()
-            count += sum(1 for j in idx for t in data.examples[j].labels[1:] if t != IGNORE_INDEX)
+            count += sum(scored_tokens(data.examples[j]) for j in idx)
     return total / max(1, count)
 
 
@@ -234,7 +239,7 @@ def run_stage(
         log(f"stage {sc.stage}: {len(examples)} samples ({len(rejected)} rejected) from {data_json}")
     if not examples:
         raise ValueError(f"{data_json}: no usable samples")
-    n_labels = np.array([sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples])
+    n_labels = np.array([scored_tokens(e) for e in examples])
 
     for p in model.parameters():
         p.requires_grad_(False)
