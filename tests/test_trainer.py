@@ -551,6 +551,42 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
 
 
+def test_relation_answers_name_both_places_before_a_verdict_that_follows_from_them():
+    """Conversations answer "is the X left of / above the Y?" with both places, then the verdict; the
+    short-question phase keeps the bare yes/no with the same draws. Checked against the scene's grid cells,
+    read back from the answer's own words."""
+    import re
+
+    from llava_rt.trainer.instructions import q_relative, q_relative_short
+    from llava_rt.trainer.world import COLS, ROWS, position_name, sample_scene
+
+    cell = {position_name(r, c): (r, c) for r in range(len(ROWS)) for c in range(len(COLS))}
+    place = "|".join(sorted(cell, key=len, reverse=True))
+    rng, checked = random.Random(5), Counter()
+    for n in range(300):
+        scene = sample_scene(rng)
+        made, short = q_relative(scene, random.Random(n)), q_relative_short(scene, random.Random(n))
+        assert (made is None) == (short is None)
+        if made is None:
+            continue
+        m = re.fullmatch(rf"The (.+) is at the ({place}) and the (.+) is at the ({place}), so (yes|no), "
+                         r"the \1 is (to the left of|to the right of|above|below) the \3\.", made[1])
+        assert m, made
+        at = {o.position: o for o in scene.objects}
+        for ref, where in ((m[1], m[2]), (m[3], m[4])):  # the named place holds the object the question names
+            o = at[where]
+            assert set(ref.split()) - {"object"} <= {o.color, o.shape, o.size}, (ref, o)
+        (ra, ca), (rb, cb) = cell[m[2]], cell[m[4]]
+        left = "to the left of" in made[0]
+        truth = ca < cb if left else ra < rb
+        relation = {(True, True): "to the left of", (True, False): "to the right of",
+                    (False, True): "above", (False, False): "below"}[left, truth]
+        assert (m[5] == "yes") == truth and m[6] == relation
+        assert short == (made[0], f"{m[5].capitalize()}, the {m[1]} is {relation} the {m[3]}.")
+        checked[m[5]] += 1
+    assert checked["yes"] > 50 and checked["no"] > 50
+
+
 def test_fresh_llm_restarts_the_llm_and_keeps_the_tower_and_projector(smoke, tmp_path):
     from llava_rt.checkpoint import load_model
     from llava_rt.trainer.stages import StageConfig, run_stage
