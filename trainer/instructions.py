@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from .world import COLORS, SHAPES, Scene, SceneObject
+from .world import COLORS, COLS, SHAPES, Scene, SceneObject
 
 BRIEF_QUESTIONS = [
     "Describe the image briefly.",
@@ -184,21 +184,24 @@ CONVERSATION = [q_count_all, q_color_of, q_shape_of, q_where, q_count_color, q_c
 SHORT = [*CONVERSATION[:-1], q_relative_short]
 
 
-def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def draw(forms: list, scene: Scene, rng: random.Random, turns: int, tries: int) -> list[tuple[str, str]]:
+    """Up to `turns` distinct questions, each from a form drawn at random; `tries` draws in all."""
     qa, seen = [], set()
-    for _ in range(turns * 6):
+    for _ in range(tries):
         if len(qa) == turns:
             break
-        made = rng.choice(CONVERSATION)(scene, rng)
+        made = rng.choice(forms)(scene, rng)
         if made is not None and made[0] not in seen:
             seen.add(made[0])
             qa.append(made)
     return qa
 
 
-def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """One question of every conversation form that has a definite answer in this scene."""
-    return [qa for form in SHORT if (qa := form(scene, rng)) is not None]
+def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+    return draw(CONVERSATION, scene, rng, turns, tries=turns * 6)
+
+
+
 
 
 # ----------------------------------------------------------------------------- reasoning
@@ -252,10 +255,17 @@ def r_count_left_of(scene, rng):
     if ref is None:
         return None
     side = rng.choice(["left", "right"])
-    k = sum((o.col < obj.col) if side == "left" else (o.col > obj.col) for o in scene.objects)
+    cols = range(obj.col) if side == "left" else range(obj.col + 1, len(COLS))
+    # Column by column, then the sum: a count over one column is a lookup like "how many COLOR objects?";
+    # the bare count over the whole side was often "no objects" (docs/REPRODUCTION.md).
+    per_col = [sum(o.col == c for o in scene.objects) for c in cols]
+    steps = " and ".join(f"{there_are(k, 'object') if i == 0 else k or 'none'} in the {COLS[c]} column"
+                         for i, (c, k) in enumerate(zip(cols, per_col)))
+    total = there_are(sum(per_col), "object")
     return (
         f"How many objects are to the {side} of the {ref}?",
-        f"The {ref} is {at_position(obj.position)}, and {there_are(k, 'object')} to its {side}.",
+        f"The {ref} is {at_position(obj.position)}, and {steps}, so {total} to its {side}." if per_col
+        else f"The {ref} is {at_position(obj.position)}, so {total} to its {side}.",
     )
 
 
@@ -264,10 +274,13 @@ def r_same_color(scene, rng):
     ref = reference(scene, obj, rng, avoid="color")
     if ref is None:
         return None
-    k = sum(o.color == obj.color for o in scene.objects) - 1
+    n = sum(o.color == obj.color for o in scene.objects)
+    # The count of that colour first, then one less: "how many COLOR objects?" is a lookup the model does
+    # well; the bare "k other objects" answer stayed at its most common value, no other (docs/REPRODUCTION.md).
     return (
         f"How many other objects have the same color as the {ref}?",
-        f"The {ref} is {obj.color}, and {there_are(k, 'other object')} of that color.",
+        f"The {ref} is {obj.color}, and {there_are(n, f'{obj.color} object')}, so "
+        f"{there_are(n - 1, 'other object')} of that color.",
     )
 
 
@@ -275,12 +288,10 @@ REASONING = [r_remove_color, r_compare_shapes, r_extreme, r_count_left_of, r_sam
 
 
 def reasoning(scene: Scene, rng: random.Random, turns: int = 1) -> list[tuple[str, str]]:
-    qa, seen = [], set()
-    for _ in range(turns * 10):
-        if len(qa) == turns:
-            break
-        made = rng.choice(REASONING)(scene, rng)
-        if made is not None and made[0] not in seen:
-            seen.add(made[0])
-            qa.append(made)
-    return qa
+    return draw(REASONING, scene, rng, turns, tries=turns * 10)
+
+
+def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One question of every conversation form that has a definite answer in this scene (relations as a
+    bare yes/no)."""
+    return [qa for form in SHORT if (qa := form(scene, rng)) is not None]
