@@ -81,12 +81,10 @@ def generate_dataset(out_dir: str | Path, n_train: int, n_eval: int, seed: int =
     return out
 
 
-def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int = 0, reasoning_turns: int = 0) -> Path:
-    """Single-turn conversation samples, one per question form per training scene, and `reasoning_turns`
-    reasoning questions per scene, for stage 2's short-question phase (trainer/recipe.py), in the LLaVA
-    format; a pure function of the scenes and seed."""
-    # The reasoning questions draw from their own generator, so the short questions are the same with or without.
-    rng, reasoning_rng = random.Random(seed), random.Random(f"reasoning-{seed}")
+def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
+    """Single-turn conversation samples, one per question form per training scene, for stage 2's
+    short-question phase (trainer/recipe.py), in the LLaVA format; a pure function of the scenes and seed."""
+    rng = random.Random(seed)
     samples = []
     with open(Path(data_dir) / "scenes.jsonl") as f:
         for line in f:
@@ -94,10 +92,8 @@ def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int 
             if row["split"] != "train":
                 continue
             scene, image = Scene.from_dict(row["scene"]), f"images/{row['id']}.png"
-            made = [(qa, "conversation", rng) for qa in short_questions(scene, rng)]
-            made += [(qa, "reasoning", reasoning_rng) for qa in reasoning(scene, reasoning_rng, reasoning_turns)]
-            for k, (qa, kind, r) in enumerate(made):
-                samples.append(_sample(f"{row['id']}-short-{k}", image, [qa], kind, r))
+            for k, qa in enumerate(short_questions(scene, rng)):
+                samples.append(_sample(f"{row['id']}-short-{k}", image, [qa], "conversation", rng))
     out = Path(out_json)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(samples))

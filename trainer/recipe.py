@@ -10,9 +10,8 @@ few million parameters trained from scratch on a 2-core CPU:
     both: Adam(W) without weight decay, cosine schedule, 3% warm-up (kept)
 
 Stage 2 opens (no paper counterpart) with a short-question phase: single-turn questions, one of
-each conversation form per training image (relations as a bare yes/no) and one reasoning question with
-its steps, in batches of 128, each sample's loss its own token mean, from a freshly initialised LLM
-(stage 1's projector kept), 3 epochs without gradient clipping; then the instruction mix for 2 epochs instead of 4.
+each conversation form per training image, in batches of 128, from a freshly initialised LLM (stage 1's
+projector kept), 3 epochs without gradient clipping; then the instruction mix for 2 epochs instead of 4.
 Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the image tokens, and
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).
@@ -78,7 +77,6 @@ class Recipe:
     clip_place_phrases: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
-    short_phase_reasoning: int = 0  # reasoning questions (with their steps) per scene in the phase
     notes: dict = field(default_factory=dict)
 
 
@@ -113,19 +111,16 @@ def preset(name: str) -> Recipe:
 def with_short_phase(r: Recipe, smoke: bool = False) -> Recipe:
     """Stage 2 opened by the short-question phase (module doc), then 2 epochs of the mix."""
     # Not fresh for smoke: its 96 scenes are too few to learn from scratch.
-    # Each sample's own mean: a reasoning answer with its steps is three times as long as a lookup's, and
-    # a mean over the batch's tokens would give it that much more of the gradient.
     r.short_phase = StageConfig(stage=2, lr=r.stage2.lr, batch_size=32 if smoke else 128,
                                 micro_batch_size=16 if smoke else 32, epochs=1 if smoke else 3,
-                                group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0, loss_mean="sample")
-    r.short_phase_reasoning = 1
+                                group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0)
     r.stage2.epochs = 2
     return r
 
 
 def without_short_phase(r: Recipe) -> Recipe:
     """`--no-short-phase`: stage 2 as the paper has it, the instruction mix alone, for 4 epochs."""
-    r.short_phase, r.short_phase_reasoning = None, 0
+    r.short_phase = None
     r.stage2.epochs = 4
     return r
 
@@ -266,7 +261,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         instruct.write_text(json.dumps(samples))
         log(f"stage 2 on {len(samples)} samples of type {', '.join(stage2_types)}")
     if r.short_phase is not None:
-        short = write_short_questions(data, out / "short.json", seed=r.seed, reasoning_turns=r.short_phase_reasoning)
+        short = write_short_questions(data, out / "short.json", seed=r.seed)
         report["stage2_short"] = run_stage(stage2_from, short, data, out / "stage2-short", r.short_phase, log=log)
         stage2_from = out / "stage2-short" / "final"
         report["timings"]["stage2_short_s"] = time.time() - t
