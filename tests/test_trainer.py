@@ -551,6 +551,27 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
 
 
+def test_corpus_has_captions_questions_and_descriptions_but_no_instruction_answers(tmp_path):
+    """The base models' text does not change when a conversation or reasoning answer is reworded."""
+    from llava_rt.trainer.data import corpus_text
+
+    data = generate_dataset(tmp_path / "d", n_train=6, n_eval=2, seed=5)
+    corpus = corpus_text(data)
+    pretrain, instruct = (json.loads((data / f).read_text()) for f in ("pretrain.json", "instruct.json"))
+    clean = lambda t: t["value"].replace("<image>", "").strip()
+    want = [clean(t) for s in pretrain for t in s["conversations"]]
+    want += [clean(t) for s in instruct for t in (s["conversations"] if s["type"] == "detail" else s["conversations"][::2])]
+    assert corpus == want and any(s["type"] == "reasoning" for s in instruct)
+    answers = {clean(t) for s in instruct if s["type"] != "detail" for t in s["conversations"][1::2]}
+    assert not answers & set(corpus)
+    for s in instruct:  # reword every conversation and reasoning answer: the corpus stays
+        if s["type"] != "detail":
+            for t in s["conversations"][1::2]:
+                t["value"] = "Reworded: " + t["value"]
+    (data / "instruct.json").write_text(json.dumps(instruct))
+    assert corpus_text(data) == corpus
+
+
 def test_fresh_llm_restarts_the_llm_and_keeps_the_tower_and_projector(smoke, tmp_path):
     from llava_rt.checkpoint import load_model
     from llava_rt.trainer.stages import StageConfig, run_stage
