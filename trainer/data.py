@@ -111,16 +111,11 @@ def load_scenes(data_dir: str | Path) -> dict[str, Scene]:
 
 
 def corpus_text(data_dir: str | Path) -> list[str]:
-    """What the tokenizer and the base LM learn from: every caption, question and detailed description,
-    but no conversation or reasoning answer. A real base LM has not read the instruction answers; and so
-    a change to their wording leaves the tokenizer, the base models, stage 1 and the short-question phase
-    as they were, and a stage-2 run from a finished phase is the whole recipe's (docs/REPRODUCTION.md)."""
+    """Every caption, question and answer: what the tokenizer and the base LM learn from."""
     texts = []
     for name in ("pretrain.json", "instruct.json"):
         for sample in json.loads((Path(data_dir) / name).read_text()):
-            turns = sample["conversations"]
-            kept = turns if name == "pretrain.json" or sample.get("type") == "detail" else turns[::2]
-            texts.extend(t["value"].replace(IMAGE_TAG, "").strip() for t in kept)
+            texts.extend(t["value"].replace(IMAGE_TAG, "").strip() for t in sample["conversations"])
     return texts
 
 
