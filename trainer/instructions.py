@@ -173,16 +173,21 @@ CONVERSATION = [q_count_all, q_color_of, q_shape_of, q_where, q_count_color, q_c
                 q_relative]
 
 
-def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def draw(forms: list, scene: Scene, rng: random.Random, turns: int, tries: int) -> list[tuple[str, str]]:
+    """Up to `turns` distinct questions, each from a form drawn at random; `tries` draws in all."""
     qa, seen = [], set()
-    for _ in range(turns * 6):
+    for _ in range(tries):
         if len(qa) == turns:
             break
-        made = rng.choice(CONVERSATION)(scene, rng)
+        made = rng.choice(forms)(scene, rng)
         if made is not None and made[0] not in seen:
             seen.add(made[0])
             qa.append(made)
     return qa
+
+
+def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+    return draw(CONVERSATION, scene, rng, turns, tries=turns * 6)
 
 
 def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
@@ -264,12 +269,4 @@ REASONING = [r_remove_color, r_compare_shapes, r_extreme, r_count_left_of, r_sam
 
 
 def reasoning(scene: Scene, rng: random.Random, turns: int = 1) -> list[tuple[str, str]]:
-    qa, seen = [], set()
-    for _ in range(turns * 10):
-        if len(qa) == turns:
-            break
-        made = rng.choice(REASONING)(scene, rng)
-        if made is not None and made[0] not in seen:
-            seen.add(made[0])
-            qa.append(made)
-    return qa
+    return draw(REASONING, scene, rng, turns, tries=turns * 10)
