@@ -249,6 +249,21 @@ def test_weight_decay_shrinks_each_trained_weight_by_lr_times_decay(smoke, tmp_p
         torch.testing.assert_close(final[0.0][k] - final[0.5][k], 5e-4 * w0[k], rtol=1e-2, atol=1e-8, msg=k)
 
 
+def test_adam_beta2_reaches_the_optimizer(smoke, tmp_path):
+    """`--adam-beta2` sets AdamW's second-moment decay: the checkpoint's optimizer holds it, and from the
+    second step on (the first is lr * sign(g) for any beta2) it trains other weights than the default."""
+    from llava_rt.trainer.cli import main
+
+    common = ["--batch-size", "8", "--micro-batch-size", "8", "--epochs", "1", "--precision", "fp32"]
+    for name, extra in (("default", []), ("b95", ["--adam-beta2", "0.95"])):
+        assert main(_stage_cmd(smoke, tmp_path / name, *common, *extra)) == 0
+    betas = {name: torch.load(tmp_path / name / "checkpoint-last" / "optimizer.pt", weights_only=True)
+             ["optimizer"]["param_groups"][0]["betas"] for name in ("default", "b95")}
+    assert tuple(betas["default"]) == (0.9, 0.999) and tuple(betas["b95"]) == (0.9, 0.95)
+    wa, wb = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("default", "b95"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if "multi_modal_projector" in k)
+
+
 def _stage_cmd(smoke: Path, out: Path, *extra: str) -> list[str]:
     return ["stage2", "--model", str(smoke / "stage1" / "final"), "--data", str(smoke / "data" / "instruct.json"),
             "--image-folder", str(smoke / "data"), "--out", str(out), "--limit", "48", "--lr", "1e-3", *extra]

@@ -48,6 +48,7 @@ def _stage_args(p: argparse.ArgumentParser, stage: int) -> None:
                    help="start from a freshly initialised LLM (the tower, projector and tokenizer kept)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0: none")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (the paper: 0)")
+    p.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="AdamW's beta2 (the paper: 0.999)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard, "
                         "one unit per transformer layer) instead of replicating them with DDP")
@@ -156,7 +157,7 @@ def run(args) -> int:
                          tune_vision=args.tune_vision, vision_lr=args.vision_lr, precision=args.precision,
                          compile=args.compile, fsdp=args.fsdp, group_by_length=not args.no_group_by_length,
                          fresh_llm=args.fresh_llm, max_grad_norm=args.max_grad_norm,
-                         weight_decay=args.weight_decay)
+                         weight_decay=args.weight_decay, adam_beta2=args.adam_beta2)
         d = init_distributed()
         summary = run_stage(args.model, args.data, args.image_folder, args.out, sc, d, resume=args.resume)
         if d.main:

@@ -46,6 +46,7 @@ class TrainConfig:
     epochs: float = 1.0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (LLaVA's, transformers' default)
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
@@ -246,7 +247,7 @@ def train(
     if cfg.compile:  # after DDP, as torch's DDP + compile docs ask; no_sync and the weights stay the model's
         wrapped = torch.compile(wrapped, dynamic=True)
     flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2), eps=1e-8)
     steps_per_epoch = max(1, n_examples // cfg.batch_size)  # drop the last partial batch, as the global batch must be full
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     warmup = max(1, int(round(cfg.warmup_ratio * total)))

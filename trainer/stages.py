@@ -199,6 +199,7 @@ class StageConfig:
     fresh_llm: bool = False
     max_grad_norm: float = 1.0  # gradient clipping (LLaVA's 1.0); 0: none
     weight_decay: float = 0.0  # AdamW's decoupled decay (the paper: none)
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (the paper's; 0.95 is usual from scratch)
     log_every: int = 10  # steps between lines of metrics.jsonl
     # "token": the loss is a mean over a batch's answer tokens (the LLaVA repo's); "sample": each sample's
     # own token mean, then the mean over samples, so a long answer weighs no more than a short one.
@@ -267,7 +268,8 @@ def run_stage(
                       epochs=sc.epochs, warmup_ratio=sc.warmup_ratio, seed=sc.seed, save_every=sc.save_every,
                       gradient_checkpointing=sc.gradient_checkpointing, stop_after=sc.stop_after,
                       precision=sc.precision, compile=sc.compile, fsdp=sc.fsdp, max_grad_norm=sc.max_grad_norm,
-                      weight_decay=sc.weight_decay, group_by_length=sc.group_by_length, log_every=sc.log_every,
+                      weight_decay=sc.weight_decay, adam_beta2=sc.adam_beta2, group_by_length=sc.group_by_length,
+                      log_every=sc.log_every,
                       desc=f"stage {sc.stage} ({'projector' if sc.stage == 1 else 'projector + LLM'}"
                            f"{' + vision' if sc.tune_vision else ''})")
     lengths = np.array([len(e.input_ids) for e in examples])
