@@ -82,17 +82,22 @@ def test_smoke_recipe_loss_falls_and_checkpoint_loads(smoke):
 
 
 def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp_path):
-    from llava_rt.trainer.recipe import _same_stage1, preset
+    from llava_rt.trainer.recipe import BASE_FIELDS, _same_stage1, preset, reused_base_config
 
     out = tmp_path / "conversation-only"
+    # lm_epochs only shapes the base LLM, which is reused: the report must name the one it used.
     report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["conversation"],
-                        short_phase=False)
+                        short_phase=False, lm_epochs=99.0)
     assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
     # --no-short-phase: stage 2 straight from stage 1, on the mix alone, for 4 epochs.
     assert "stage2_short" not in report and not (out / "short.json").exists()
     assert report["config"]["short_phase"] is None and report["config"]["stage2"]["epochs"] == 4
     # The smoke run itself has the phase (the default): the short questions first, then stage 2.
     full = json.loads((smoke / "report.json").read_text())
+    assert [report["config"][k] for k in BASE_FIELDS] == [full["config"][k] for k in BASE_FIELDS]
+    assert report["config"]["lm_epochs"] == full["config"]["lm_epochs"] != 99.0
+    older = {k: v for k, v in full["config"].items() if k != "clip_place_phrases"}  # a report from before the field
+    assert reused_base_config(older)["clip_place_phrases"] is False and full["config"]["clip_place_phrases"] is True
     assert full["stage2_short"]["samples"] == len(json.loads((smoke / "short.json").read_text()))
     curve = losses(smoke / "stage2-short" / "metrics.jsonl")
     assert curve[-1] < 0.7 * curve[0], curve

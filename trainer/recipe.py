@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -226,10 +226,12 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     if reuse is not None:
         reuse = Path(reuse)
         data, base_dir = reuse / "data", reuse / "base"
-        for need in (data / "eval.json", base_dir / "clip", base_dir / "llm", base_dir / "tokenizer"):
+        for need in (data / "eval.json", base_dir / "clip", base_dir / "llm", base_dir / "tokenizer",
+                     reuse / "report.json"):
             if not need.exists():
                 raise FileNotFoundError(f"--reuse {reuse}: {need} is missing; point it at a finished recipe run")
         report["reused"] = str(reuse)
+        report["config"].update(reused_base_config(json.loads((reuse / "report.json").read_text())["config"]))
         log(f"reusing data and base models from {reuse}")
     else:
         data, base_dir = out / "data", out / "base"
@@ -299,6 +301,19 @@ def ship_run(out: Path, ship_to: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if export_main([str(ship_to), "--quiet"]) != 0:
         raise RuntimeError(f"the ONNX export of {ship_to} failed; see above (rerun: llava-export {ship_to})")
+
+
+# The settings that made a run's data and base models: with --reuse they are the reused run's, not the preset's.
+BASE_FIELDS = ("n_train", "n_eval", "vocab_size", "image_size", "vision", "text", "clip_epochs", "clip_batch",
+               "clip_lr", "clip_region_weight", "clip_patch_weight", "clip_phrase_position", "clip_place_phrases",
+               "lm_epochs")
+
+
+def reused_base_config(reused: dict) -> dict:
+    """The base-model settings of a reused run's report config; a field its report predates has the
+    default it was made with."""
+    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+    return {k: reused.get(k, defaults.get(k)) for k in BASE_FIELDS}
 
 
 def _same_stage1(run: Path, r: Recipe) -> bool:
