@@ -102,7 +102,7 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
     curve = losses(smoke / "stage2-short" / "metrics.jsonl")
     assert curve[-1] < 0.7 * curve[0], curve
     assert full["config"]["stage2"]["epochs"] == 2 and full["config"]["short_phase"]["group_by_length"] is False
-    assert full["config"]["short_phase"]["max_grad_norm"] == 0.0
+    assert full["config"]["short_phase"]["max_grad_norm"] == 0.0 and full["config"]["short_phase"]["adam_beta2"] == 0.95
     assert not (out / "data").exists() and not (out / "base").exists()
     kinds = [s["type"] for s in json.loads((smoke / "data" / "instruct.json").read_text())]
     assert report["stage2"]["samples"] + report["stage2"]["rejected"] == kinds.count("conversation") < len(kinds)
@@ -610,6 +610,96 @@ def test_short_questions_ask_each_form_once_per_training_scene(tmp_path):
             assert f" {len(scene.objects)} object" in answer["value"]
     # Every conversation form is asked of every scene where it has a definite answer: counting questions always.
     assert sum("How many objects are there" in s["conversations"][0]["value"] for s in samples) == 12
+
+
+def named_object(scene, ref):
+    """The one object a reference ("circle", "red object", "large red circle") names in the scene."""
+    (obj,) = [o for o in scene.objects if set(ref.split()) - {"object"} <= {o.color, o.shape, o.size}]
+    return obj
+
+
+def test_relation_answers_name_the_rows_or_columns_before_a_verdict_that_follows_from_them():
+    """Conversations answer "is the X left of / above the Y?" with both objects' columns or rows, then the
+    verdict; the short-question phase keeps the bare yes/no from the same draws. Checked against the
+    scene's grid."""
+    import re
+
+    from llava_rt.trainer.instructions import SHORT, q_relative, q_relative_short
+    from llava_rt.trainer.world import COLS, ROWS, sample_scene
+
+    rng, checked = random.Random(5), Counter()
+    for n in range(300):
+        scene = sample_scene(rng)
+        made, short = q_relative(scene, random.Random(n)), q_relative_short(scene, random.Random(n))
+        assert (made is None) == (short is None)
+        if made is None:
+            continue
+        q = re.fullmatch(r"Is the (.+) (to the left of|above) the (.+)\?", made[0])
+        m = re.fullmatch(r"The (.+) is in the (\w+) (row|column) and the (.+) is in the (\w+) \3, so (yes|no), "
+                         r"the \1 is (to the left of|to the right of|above|below) the \4\.", made[1])
+        assert q and m and (m[1], m[4]) == (q[1], q[3]), made
+        a, b = named_object(scene, m[1]), named_object(scene, m[4])
+        left = q[2] == "to the left of"
+        assert m[3] == ("column" if left else "row")
+        names = COLS if left else ROWS
+        assert (names.index(m[2]), names.index(m[5])) == ((a.col, b.col) if left else (a.row, b.row))
+        truth = a.col < b.col if left else a.row < b.row
+        relation = {(True, True): "to the left of", (True, False): "to the right of",
+                    (False, True): "above", (False, False): "below"}[left, truth]
+        assert (m[6] == "yes") == truth and m[7] == relation
+        assert short == (made[0], f"{m[6].capitalize()}, the {m[1]} is {relation} the {m[4]}.")
+        checked[left, m[6]] += 1
+    assert len(checked) == 4 and min(checked.values()) > 20
+    assert q_relative not in SHORT and q_relative_short in SHORT
+
+
+def test_count_to_the_side_answers_count_each_column_then_the_sum():
+    import re
+
+    from llava_rt.trainer.instructions import r_count_left_of
+    from llava_rt.trainer.world import COLS, sample_scene
+
+    rng, seen = random.Random(4), Counter()
+    for _ in range(300):
+        scene = sample_scene(rng)
+        if (made := r_count_left_of(scene, rng)) is None:
+            continue
+        side = re.fullmatch(r"How many objects are to the (left|right) of the (.+)\?", made[0])
+        m = re.fullmatch(r"The (.+) is at the ([a-z ]+?)(?:, and (.+))?, so there (?:is|are) (no|\d+) objects? to its "
+                         r"(left|right)\.", made[1])
+        assert side and m and m[1] == side[2] and m[5] == side[1], made
+        obj = named_object(scene, m[1])
+        assert obj.position == m[2]
+        want = [c for c in range(len(COLS)) if (c < obj.col if m[5] == "left" else c > obj.col)]
+        steps = re.findall(r"(no|none|\d+)(?: objects?)? in the (\w+) column", m[3] or "")
+        assert [COLS.index(name) for _, name in steps] == want
+        for k, name in steps:
+            assert (0 if k in ("no", "none") else int(k)) == sum(o.col == COLS.index(name) for o in scene.objects)
+        total = sum(o.col in want for o in scene.objects)
+        assert (0 if m[4] == "no" else int(m[4])) == total
+        seen[len(want), total > 0] += 1
+    assert len(seen) == 5 and min(seen.values()) > 10
+
+
+def test_same_color_answers_count_the_colour_then_the_others():
+    import re
+
+    from llava_rt.trainer.instructions import r_same_color
+    from llava_rt.trainer.world import sample_scene
+
+    rng, seen = random.Random(9), Counter()
+    for _ in range(300):
+        scene = sample_scene(rng)
+        if (made := r_same_color(scene, rng)) is None:
+            continue
+        m = re.fullmatch(r"The (.+) is (\w+), and there (?:is|are) (no|\d+) \2 objects?, so there (?:is|are) "
+                         r"(no|\d+) other objects? of that color\.", made[1])
+        assert m, made
+        n, k = (0 if g == "no" else int(g) for g in (m[3], m[4]))
+        assert named_object(scene, m[1]).color == m[2]  # the object the question names, and its colour
+        assert n == sum(o.color == m[2] for o in scene.objects) and k == n - 1
+        seen[k] += 1
+    assert seen[0] > 50 and seen[1] > 20
 
 
 def test_ship_run_replaces_the_model_and_writes_a_verified_export(smoke, tmp_path):

@@ -2,7 +2,8 @@
 
 - brief captions (stage 1): a "describe briefly" question drawn from a list, a one-line caption;
 - conversation: several turns about colours, counts, shapes, sizes, positions and relative
-  positions, asked only where the answer is definite (a referred object is unique);
+  positions, asked only where the answer is definite (a referred object is unique); a relative
+  position names both objects' rows or columns before its yes or no;
 - detailed description: a "describe in detail" question, every object with size, colour,
   shape and position;
 - complex reasoning: answers that take a few steps (counting after removal, comparing counts,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from .world import COLORS, SHAPES, Scene, SceneObject
+from .world import COLORS, COLS, ROWS, SHAPES, Scene, SceneObject
 
 BRIEF_QUESTIONS = [
     "Describe the image briefly.",
@@ -153,7 +154,7 @@ def q_size_of(scene, rng):
     return f"Is the {ref} large or small?", f"The {ref} is {obj.size}."
 
 
-def q_relative(scene, rng):
+def q_relative(scene, rng, steps: bool = True):
     if len(scene.objects) < 2:
         return None
     a, b = rng.sample(scene.objects, 2)
@@ -161,16 +162,31 @@ def q_relative(scene, rng):
     if ra is None or rb is None:
         return None
     if a.col != b.col and (a.row == b.row or rng.random() < 0.5):
-        yes = a.col < b.col
         q = f"Is the {ra} to the left of the {rb}?"
-        return q, (f"Yes, the {ra} is to the left of the {rb}." if yes else f"No, the {ra} is to the right of the {rb}.")
-    yes = a.row < b.row
-    q = f"Is the {ra} above the {rb}?"
-    return q, (f"Yes, the {ra} is above the {rb}." if yes else f"No, the {ra} is below the {rb}.")
+        verdict = f"yes, the {ra} is to the left of" if a.col < b.col else f"no, the {ra} is to the right of"
+    else:
+        q = f"Is the {ra} above the {rb}?"
+        verdict = f"yes, the {ra} is above" if a.row < b.row else f"no, the {ra} is below"
+    if not steps:
+        return q, f"{verdict[0].upper()}{verdict[1:]} the {rb}."
+    # The rows or columns before the verdict: a bare yes/no decides on its first word, before either place
+    # is written, and stayed near chance (51-57%); after "top row ... middle row" the verdict compares two
+    # words (docs/REPRODUCTION.md, "Steps in stage 2's answers: two whole runs").
+    if q.endswith(f"to the left of the {rb}?"):
+        where_a, where_b = f"in the {COLS[a.col]} column", f"in the {COLS[b.col]} column"
+    else:
+        where_a, where_b = f"in the {ROWS[a.row]} row", f"in the {ROWS[b.row]} row"
+    return q, f"The {ra} is {where_a} and the {rb} is {where_b}, so {verdict} the {rb}."
+
+
+def q_relative_short(scene, rng):
+    """The bare yes/no form, for the short-question phase: its questions teach single lookups."""
+    return q_relative(scene, rng, steps=False)
 
 
 CONVERSATION = [q_count_all, q_color_of, q_shape_of, q_where, q_count_color, q_count_shape, q_exists, q_size_of,
                 q_relative]
+SHORT = [q_relative_short if form is q_relative else form for form in CONVERSATION]  # the phase's forms
 
 
 def draw(forms: list, scene: Scene, rng: random.Random, turns: int, tries: int) -> list[tuple[str, str]]:
@@ -190,9 +206,6 @@ def conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str
     return draw(CONVERSATION, scene, rng, turns, tries=turns * 6)
 
 
-def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """One question of every conversation form that has a definite answer in this scene."""
-    return [qa for form in CONVERSATION if (qa := form(scene, rng)) is not None]
 
 
 # ----------------------------------------------------------------------------- reasoning
@@ -246,10 +259,18 @@ def r_count_left_of(scene, rng):
     if ref is None:
         return None
     side = rng.choice(["left", "right"])
-    k = sum((o.col < obj.col) if side == "left" else (o.col > obj.col) for o in scene.objects)
+    cols = range(obj.col) if side == "left" else range(obj.col + 1, len(COLS))
+    # Column by column, then the sum: a count over one column is a lookup like "how many COLOR objects?";
+    # the bare count over the whole side was often "no objects" (docs/REPRODUCTION.md, "Steps in stage 2's
+    # answers").
+    per_col = [sum(o.col == c for o in scene.objects) for c in cols]
+    steps = " and ".join(f"{there_are(k, 'object') if i == 0 else k or 'none'} in the {COLS[c]} column"
+                         for i, (c, k) in enumerate(zip(cols, per_col)))
+    total = there_are(sum(per_col), "object")
     return (
         f"How many objects are to the {side} of the {ref}?",
-        f"The {ref} is {at_position(obj.position)}, and {there_are(k, 'object')} to its {side}.",
+        f"The {ref} is {at_position(obj.position)}, and {steps}, so {total} to its {side}." if per_col
+        else f"The {ref} is {at_position(obj.position)}, so {total} to its {side}.",
     )
 
 
@@ -258,10 +279,13 @@ def r_same_color(scene, rng):
     ref = reference(scene, obj, rng, avoid="color")
     if ref is None:
         return None
-    k = sum(o.color == obj.color for o in scene.objects) - 1
+    n = sum(o.color == obj.color for o in scene.objects)
+    # The count of that colour first, then one less: "how many COLOR objects?" is a lookup the model does
+    # well; the bare "k other objects" answer stayed at its most common value, no other (docs/REPRODUCTION.md).
     return (
         f"How many other objects have the same color as the {ref}?",
-        f"The {ref} is {obj.color}, and {there_are(k, 'other object')} of that color.",
+        f"The {ref} is {obj.color}, and {there_are(n, f'{obj.color} object')}, so "
+        f"{there_are(n - 1, 'other object')} of that color.",
     )
 
 
@@ -270,3 +294,9 @@ REASONING = [r_remove_color, r_compare_shapes, r_extreme, r_count_left_of, r_sam
 
 def reasoning(scene: Scene, rng: random.Random, turns: int = 1) -> list[tuple[str, str]]:
     return draw(REASONING, scene, rng, turns, tries=turns * 10)
+
+
+def short_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One question of every conversation form that has a definite answer in this scene (relations as a
+    bare yes/no)."""
+    return [qa for form in SHORT if (qa := form(scene, rng)) is not None]

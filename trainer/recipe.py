@@ -11,7 +11,8 @@ few million parameters trained from scratch on a 2-core CPU:
 
 Stage 2 opens (no paper counterpart) with a short-question phase: single-turn questions, one of
 each conversation form per training image, in batches of 128, from a freshly initialised LLM (stage 1's
-projector kept), 3 epochs without gradient clipping; then the instruction mix for 2 epochs instead of 4.
+projector kept), 3 epochs without gradient clipping and with AdamW's beta2 at 0.95, as transformers
+trained from scratch usually are; then the instruction mix for 2 epochs instead of 4.
 Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the image tokens, and
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).
@@ -113,7 +114,8 @@ def with_short_phase(r: Recipe, smoke: bool = False) -> Recipe:
     # Not fresh for smoke: its 96 scenes are too few to learn from scratch.
     r.short_phase = StageConfig(stage=2, lr=r.stage2.lr, batch_size=32 if smoke else 128,
                                 micro_batch_size=16 if smoke else 32, epochs=1 if smoke else 3,
-                                group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0)
+                                group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0,
+                                adam_beta2=0.95)
     r.stage2.epochs = 2
     return r
 
