@@ -91,6 +91,9 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
     assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
     # --no-short-phase: stage 2 straight from stage 1, on the mix alone, for 4 epochs.
     assert "stage2_short" not in report and not (out / "short.json").exists()
+    # Conversation only: no reasoning pass either, and stage 2's model is the final one.
+    assert "reasoning_pass" not in report and report["final_model"] == "stage2/final"
+    assert report["config"]["reasoning_pass"] is None and not (out / "stage2-reasoning").exists()
     assert report["config"]["short_phase"] is None and report["config"]["stage2"]["epochs"] == 4
     # The smoke run itself has the phase (the default): the short questions first, then stage 2.
     full = json.loads((smoke / "report.json").read_text())
@@ -99,6 +102,9 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
     older = {k: v for k, v in full["config"].items() if k != "clip_place_phrases"}  # a report from before the field
     assert reused_base_config(older)["clip_place_phrases"] is False and full["config"]["clip_place_phrases"] is True
     assert full["stage2_short"]["samples"] == len(json.loads((smoke / "short.json").read_text()))
+    # ... and closes with the reasoning pass, one sample per training scene, from stage 2's model.
+    assert full["final_model"] == "stage2-reasoning/final" and full["config"]["reasoning_pass"]["epochs"] == 1
+    assert full["reasoning_pass"]["samples"] + full["reasoning_pass"]["rejected"] == full["config"]["n_train"]
     curve = losses(smoke / "stage2-short" / "metrics.jsonl")
     assert curve[-1] < 0.7 * curve[0], curve
     assert full["config"]["stage2"]["epochs"] == 2 and full["config"]["short_phase"]["group_by_length"] is False
@@ -123,7 +129,7 @@ def test_recipe_seed_reaches_every_stage(smoke, tmp_path):
     s1 = preset("smoke").stage1
     s1.epochs = 0.0  # no stage 1, to keep the test short
     report = run_recipe(tmp_path / "seed3", "smoke", log=lambda *_: None, reuse=smoke,
-                        stage2_types=["reasoning"], short_phase=False, seed=3, stage1=s1)
+                        stage2_types=["reasoning"], short_phase=False, reasoning_pass=False, seed=3, stage1=s1)
     assert report["config"]["seed"] == 3 and report["config"]["stage2"]["seed"] == 3
     assert json.loads((smoke / "report.json").read_text())["config"]["stage2"]["seed"] == 0
     # a different draw of the projector than the seed-0 build of the same base models
@@ -612,6 +618,37 @@ def test_short_questions_ask_each_form_once_per_training_scene(tmp_path):
     assert sum("How many objects are there" in s["conversations"][0]["value"] for s in samples) == 12
 
 
+def test_reasoning_pass_asks_fresh_reasoning_and_conversation_questions(tmp_path):
+    from llava_rt.trainer.data import corpus_text, write_reasoning_pass
+
+    data = generate_dataset(tmp_path / "d", n_train=40, n_eval=2, seed=3)
+    corpus = corpus_text(data)
+    path = write_reasoning_pass(data, tmp_path / "pass.json", seed=1)
+    assert path.read_bytes() == write_reasoning_pass(data, tmp_path / "again.json", seed=1).read_bytes()
+    assert path.read_bytes() != write_reasoning_pass(data, tmp_path / "other.json", seed=2).read_bytes()
+    assert corpus_text(data) == corpus  # drawn beside the data set, not into it: the tokenizer's corpus is unchanged
+    samples = json.loads(path.read_text())
+    assert sorted(s["image"] for s in samples) == [f"images/{i:06d}.png" for i in range(40)]  # training scenes, once each
+    assert [s["image"] for s in samples] != sorted(s["image"] for s in samples)  # in a random order
+    reasoning_words = ("If all the", "Are there more", "What color is the object farthest", "What color is the highest",
+                       "What color is the lowest", "How many objects are to the", "How many other objects")
+    instruct = json.loads((data / "instruct.json").read_text())
+    known = {(t["value"].replace("<image>", "").strip(), a["value"]) for s in instruct
+             for t, a in zip(s["conversations"][::2], s["conversations"][1::2])}
+    fresh, seen = 0, 0
+    for s in samples:
+        turns = s["conversations"]
+        assert "<image>" in turns[0]["value"] and all("<image>" not in t["value"] for t in turns[1:])
+        questions = [t["value"].replace("<image>", "").strip() for t in turns[::2]]
+        n_reasoning = sum(q.startswith(reasoning_words) for q in questions)
+        assert len(questions) - n_reasoning == 2 and n_reasoning in (1, 2, 3), questions  # 2-3 drawn, a scene may have fewer
+        assert len(set(questions)) == len(questions)
+        for q, a in zip(questions, [t["value"] for t in turns[1::2]]):
+            seen += 1
+            fresh += (q, a) not in known
+    assert fresh > seen // 3  # new draws, not the stage-2 questions again
+
+
 def named_object(scene, ref):
     """The one object a reference ("circle", "red object", "large red circle") names in the scene."""
     (obj,) = [o for o in scene.objects if set(ref.split()) - {"object"} <= {o.color, o.shape, o.size}]
@@ -713,7 +750,9 @@ def test_ship_run_replaces_the_model_and_writes_a_verified_export(smoke, tmp_pat
     ship_run(smoke, dest)
     assert not (dest / "stale.txt").exists()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["shipped"]
-    assert (dest / "model.safetensors").read_bytes() == (smoke / "stage2" / "final" / "model.safetensors").read_bytes()
+    final = smoke / "stage2-reasoning" / "final"  # the reasoning pass's model, not stage 2's
+    assert (dest / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
+    assert (dest / "model.safetensors").read_bytes() != (smoke / "stage2" / "final" / "model.safetensors").read_bytes()
     assert json.loads((dest / "training_report.json").read_text())["recipe"] == "smoke"
     manifest = json.loads((dest / "onnx" / "manifest.json").read_text())
     assert manifest["verification"]["ok"] and manifest["source"]["path"] == str(dest)

@@ -76,6 +76,8 @@ def parse(argv):
     r.add_argument("--no-short-phase", action="store_true",
                    help="ablation: stage 2 as the paper has it, the instruction mix alone for 4 epochs, without "
                         "the short-question phase from a fresh LLM (docs/REPRODUCTION.md)")
+    r.add_argument("--no-reasoning-pass", action="store_true",
+                   help="ablation: end with stage 2's instruction mix, without the reasoning pass that closes it")
     r.add_argument("--stage2-types", nargs="+", choices=["conversation", "detail", "reasoning"],
                    help="ablation: train stage 2 on these instruction types only")
     r.add_argument("--seed", type=int, default=0,
@@ -129,7 +131,8 @@ def run(args) -> int:
             s1.epochs = 0.0
             overrides["stage1"] = s1
         report = run_recipe(args.out, args.preset, args.ship, reuse=args.reuse, stage2_types=args.stage2_types,
-                            short_phase=not args.no_short_phase, **overrides)
+                            short_phase=not args.no_short_phase,
+                            reasoning_pass=not args.no_reasoning_pass, **overrides)
         scores = {k: v for k, v in report["eval"].items() if k != "misses"}  # the misses are in OUT/report.json
         print(json.dumps({"eval": scores, "timings": {k: round(v, 1) for k, v in report["timings"].items()}}, indent=2))
     elif args.cmd == "data":

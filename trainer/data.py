@@ -29,7 +29,7 @@ from tqdm import tqdm
 from llava_rt.tokenizer import TextProcessor
 
 from .instructions import (BRIEF_QUESTIONS, DETAIL_QUESTIONS, brief_caption, conversation, detailed_description, reasoning,
-                           short_questions)
+                           reasoning_pass_questions, short_questions)
 from .world import Scene, render, sample_scene
 
 IGNORE_INDEX = -100
@@ -81,24 +81,40 @@ def generate_dataset(out_dir: str | Path, n_train: int, n_eval: int, seed: int =
     return out
 
 
-def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
-    """Single-turn conversation samples, one per question form per training scene, for stage 2's
-    short-question phase (trainer/recipe.py), in the LLaVA format; a pure function of the scenes and seed."""
+def _write_per_training_scene(data_dir: str | Path, out_json: str | Path, seed: int, make, shuffle: bool = False) -> Path:
+    """The samples `make(scene_id, scene, image, rng)` gives for each training scene (then shuffled, if
+    asked), written atomically as one LLaVA JSON file; a pure function of the scenes and seed."""
     rng = random.Random(seed)
     samples = []
     with open(Path(data_dir) / "scenes.jsonl") as f:
         for line in f:
             row = json.loads(line)
-            if row["split"] != "train":
-                continue
-            scene, image = Scene.from_dict(row["scene"]), f"images/{row['id']}.png"
-            for k, qa in enumerate(short_questions(scene, rng)):
-                samples.append(_sample(f"{row['id']}-short-{k}", image, [qa], "conversation", rng))
+            if row["split"] == "train":
+                samples += make(row["id"], Scene.from_dict(row["scene"]), f"images/{row['id']}.png", rng)
+    if shuffle:
+        rng.shuffle(samples)
     out = Path(out_json)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(samples))
     tmp.replace(out)
     return out
+
+
+def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
+    """Single-turn conversation samples, one per question form per training scene, for stage 2's
+    short-question phase (trainer/recipe.py), in the LLaVA format."""
+    return _write_per_training_scene(data_dir, out_json, seed, lambda sid, scene, image, rng: [
+        _sample(f"{sid}-short-{k}", image, [qa], "conversation", rng)
+        for k, qa in enumerate(short_questions(scene, rng))])
+
+
+def write_reasoning_pass(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
+    """One sample per training scene of fresh reasoning and conversation questions
+    (`reasoning_pass_questions`), for the reasoning pass that closes stage 2 (trainer/recipe.py). Drawn
+    after the corpus is fixed, so the tokenizer and base models do not depend on it."""
+    def make(sid, scene, image, rng):
+        return [_sample(f"{sid}-pass", image, reasoning_pass_questions(scene, rng), "reasoning", rng)]
+    return _write_per_training_scene(data_dir, out_json, seed, make, shuffle=True)
 
 
 def load_scenes(data_dir: str | Path) -> dict[str, Scene]:

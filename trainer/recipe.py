@@ -6,7 +6,8 @@ few million parameters trained from scratch on a 2-core CPU:
 
     paper stage 1: lr 2e-3, batch 128, 1 epoch          -> lr 2e-3, batch 64, 1 epoch
     paper stage 2: lr 2e-5, batch 32, 3 epochs          -> the short-question phase below, then lr 1e-3,
-                                                           batch 32, 2 epochs (3 samples per image)
+                                                           batch 32, 2 epochs (3 samples per image), then
+                                                           the reasoning pass below (lr 2e-4, 1 epoch)
     both: Adam(W) without weight decay, cosine schedule, 3% warm-up (kept)
 
 Stage 2 opens (no paper counterpart) with a short-question phase: single-turn questions, one of
@@ -16,6 +17,14 @@ trained from scratch usually are; then the instruction mix for 2 epochs instead 
 Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the image tokens, and
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).
+
+Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, one sample
+per training image of fresh draws of the same question forms, two or three reasoning questions and two
+conversation questions in a random order, 1 epoch at lr 2e-4. LLaVA-Instruct-158K is half complex
+reasoning; our mix has one reasoning sample of one or two questions per image, and the reasoning
+answers, which count before they conclude, went wrong on the counts (docs/REPRODUCTION.md, "A
+reasoning pass"). The pass's questions are drawn beside the data set, not into it, so the tokenizer,
+the base models and both stages are the same with or without it. `--no-reasoning-pass` leaves it out.
 
 Stage 2's learning rate is higher than the paper's 2e-5 because our LLM is tiny and was
 pretrained on little text; 2e-5 is tuned for fine-tuning a 7B Vicuna that already speaks well.
@@ -42,7 +51,7 @@ from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePro
 from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
-from .data import corpus_text, generate_dataset, load_scenes, write_short_questions
+from .data import corpus_text, generate_dataset, load_scenes, write_reasoning_pass, write_short_questions
 from .instructions import at_position, describe, detailed_description
 from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage, position_name
 from .stages import StageConfig, build_llava, run_stage
@@ -78,6 +87,7 @@ class Recipe:
     clip_place_phrases: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
+    reasoning_pass: StageConfig | None = None  # the pass that closes stage 2 (module doc); None: none
     notes: dict = field(default_factory=dict)
 
 
@@ -93,6 +103,7 @@ def preset(name: str) -> Recipe:
             clip_place_phrases=True, lm_epochs=0.3,
             stage1=StageConfig(stage=1, lr=2e-3, batch_size=64, micro_batch_size=64, epochs=1),
             stage2=StageConfig(stage=2, lr=1e-3, batch_size=32, micro_batch_size=32, epochs=4),
+            reasoning_pass=StageConfig(stage=2, lr=2e-4, batch_size=32, micro_batch_size=32, epochs=1),
         ))
     if name == "smoke":
         return with_short_phase(Recipe(
@@ -105,6 +116,7 @@ def preset(name: str) -> Recipe:
             clip_place_phrases=True, lm_epochs=4,
             stage1=StageConfig(stage=1, lr=5e-3, batch_size=8, micro_batch_size=8, epochs=3),
             stage2=StageConfig(stage=2, lr=2e-3, batch_size=16, micro_batch_size=8, epochs=4, log_every=1),
+            reasoning_pass=StageConfig(stage=2, lr=5e-4, batch_size=16, micro_batch_size=8, epochs=1, log_every=1),
         ), smoke=True)
     raise ValueError(f"unknown recipe {name!r}; choose default or smoke")
 
@@ -207,11 +219,13 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
 
 
 def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, log=print, reuse: Path | None = None,
-               stage2_types: list[str] | None = None, short_phase: bool = True, **overrides) -> dict:
+               stage2_types: list[str] | None = None, short_phase: bool = True, reasoning_pass: bool = True,
+               **overrides) -> dict:
     """Run the whole recipe into `out`. For ablations, `reuse` names a finished run whose data and base
     models (and stage 1, when its settings match) are used instead of being made again, and
-    `stage2_types` keeps only those instruction types ("conversation", "detail", "reasoning");
-    `short_phase=False` drops stage 2's short-question phase (module doc)."""
+    `stage2_types` keeps only those instruction types ("conversation", "detail", "reasoning"; the
+    reasoning pass runs only when they include reasoning); `short_phase=False` drops stage 2's
+    short-question phase and `reasoning_pass=False` the pass that closes it (module doc)."""
     from .evaluate import evaluate
 
     r = preset(name)
@@ -219,7 +233,9 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         setattr(r, key, value)
     if not short_phase:
         without_short_phase(r)
-    for sc in (r.stage1, r.stage2, r.short_phase):
+    if not reasoning_pass or (stage2_types and "reasoning" not in stage2_types):
+        r.reasoning_pass = None
+    for sc in (r.stage1, r.stage2, r.short_phase, r.reasoning_pass):
         if sc is not None:
             sc.precision, sc.compile, sc.seed = r.precision, r.compile, r.seed
     out = Path(out)
@@ -273,8 +289,16 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     s2 = run_stage(stage2_from, instruct, data, out / "stage2", r.stage2, log=log)
     report["timings"]["stage2_s"] = time.time() - t
     report["stage1"], report["stage2"] = s1, s2
+    report["final_model"] = "stage2/final"
+    if r.reasoning_pass is not None:
+        t = time.time()
+        questions = write_reasoning_pass(data, out / "reasoning-pass.json", seed=r.seed + 1)
+        report["reasoning_pass"] = run_stage(out / "stage2" / "final", questions, data, out / "stage2-reasoning",
+                                             r.reasoning_pass, log=log)
+        report["final_model"] = "stage2-reasoning/final"
+        report["timings"]["reasoning_pass_s"] = time.time() - t
     t = time.time()
-    report["eval"] = evaluate(out / "stage2" / "final", data, data / "eval.json")
+    report["eval"] = evaluate(out / report["final_model"], data, data / "eval.json")
     report["timings"]["eval_s"] = time.time() - t
     report["timings"]["total_s"] = time.time() - t0
     report["stage2_types"] = stage2_types or "all"
@@ -290,10 +314,11 @@ def ship_run(out: Path, ship_to: Path) -> None:
     from llava_rt.export.cli import main as export_main
 
     out, ship_to = Path(out), Path(ship_to)
+    final = json.loads((out / "report.json").read_text()).get("final_model", "stage2/final")  # older reports: stage 2
     staging, old = ship_to.with_name(ship_to.name + ".tmp"), ship_to.with_name(ship_to.name + ".old")
     for leftover in (staging, old):  # from an interrupted earlier ship
         shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(out / "stage2" / "final", staging)
+    shutil.copytree(out / final, staging)
     shutil.copy(out / "report.json", staging / "training_report.json")
     # Swap whole directories, so an interrupted copy never leaves a half-shipped model; the export
     # (written atomically by llava-export) runs in place so its manifest names the shipped path.
