@@ -438,7 +438,8 @@ def _transformers_greedy_matches(model_dir: Path, data_dir: Path, n: int) -> Non
 
 
 def test_trained_smoke_model_matches_transformers(smoke):
-    _transformers_greedy_matches(smoke / "stage2" / "final", smoke / "data", n=4)
+    final = json.loads((smoke / "report.json").read_text())["final_model"]  # after the reasoning pass
+    _transformers_greedy_matches(smoke / final, smoke / "data", n=4)
 
 
 DEFAULT_MODEL = ROOT / "models" / "llava-rt-default"
