@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_table, write_json  # noqa: E402
+from llava_rt.benchmarks.common import median, print_table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "shapes.png"
@@ -56,13 +55,13 @@ def time_command(cmd: list[str]) -> tuple[float, str]:
     return elapsed, proc.stdout.strip()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint dir (default: models/llava-rt-default, else random tiny)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/cold-start-cpu-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or ROOT / "models" / "llava-rt-default"

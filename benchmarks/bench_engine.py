@@ -11,7 +11,6 @@ the first token; decode tokens/s = (new_tokens - 1) / (total - TTFT), per sequen
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_table, write_json  # noqa: E402
-
-from llava_rt.config import LlavaConfig  # noqa: E402
-from llava_rt.random_checkpoint import make_random_checkpoint  # noqa: E402
-from llava_rt.runtime.generate import GenerationRequest, generate  # noqa: E402
-from llava_rt.runtime.sampling import SamplingParams  # noqa: E402
-from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
+from llava_rt.benchmarks.common import median, print_table, write_json
+from llava_rt.config import LlavaConfig
+from llava_rt.random_checkpoint import make_random_checkpoint
+from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.runtime.sampling import SamplingParams
+from llava_rt.runtime.torch_engine import TorchEngine
 
 
 def make_inputs(cfg: LlavaConfig, batch: int, text_tokens: int, seed: int):
@@ -66,8 +63,8 @@ def time_transformers(hf, ids, pixels, new_tokens: int) -> tuple[float, float]:
     return ttft, total
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint dir (default: a random one of --preset)")
     p.add_argument("--preset", default="mid", choices=["tiny", "mid", "llava-1.5-7b"])
     p.add_argument("--text-tokens", type=int, default=40)
@@ -76,7 +73,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/engine-cpu-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_random_checkpoint(Path(tmp) / "model", args.preset)

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graph_seconds, write_json  # noqa: E402
-
-from llava_rt.model import RMSNorm  # noqa: E402
+from llava_rt.benchmarks.common import cuda_graph_seconds, write_json
+from llava_rt.model import RMSNorm
 
 
 def graph_us(fn) -> float:
@@ -33,10 +31,10 @@ def graph_us(fn) -> float:
 
 
 @torch.inference_mode()
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_fusions: needs a CUDA GPU")
     dev, dt, hidden, inner = "cuda", torch.float16, 4096, 11008

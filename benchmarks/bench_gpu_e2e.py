@@ -27,16 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_table, write_json  # noqa: E402
-
-from llava_rt.checkpoint import to_internal_name  # noqa: E402
-from llava_rt.model import LlavaForConditionalGeneration  # noqa: E402
-from llava_rt.random_checkpoint import preset  # noqa: E402
-from llava_rt.runtime.engine import SequenceInput  # noqa: E402
-from llava_rt.runtime.generate import GenerationRequest, generate  # noqa: E402
-from llava_rt.runtime.sampling import SamplingParams  # noqa: E402
-from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
+from llava_rt.benchmarks.common import median, print_table, write_json
+from llava_rt.checkpoint import to_internal_name
+from llava_rt.model import LlavaForConditionalGeneration
+from llava_rt.random_checkpoint import preset
+from llava_rt.runtime.engine import SequenceInput
+from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.runtime.sampling import SamplingParams
+from llava_rt.runtime.torch_engine import TorchEngine
 
 
 def sync():
@@ -165,8 +163,8 @@ def rounded(r: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32: checks the script runs")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64, help="tokens for the batch-1 decode timing")
@@ -175,7 +173,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/e2e-gpu-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         sys.exit("bench_gpu_e2e: no CUDA GPU; run with --smoke for the CPU plumbing check")

@@ -25,21 +25,19 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # must precede the first import of a kernel module
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graph_seconds, median, print_table, write_json  # noqa: E402
-
-from llava_rt.kernels.paged_attention import (  # noqa: E402
+from llava_rt.benchmarks.common import cuda_graph_seconds, median, print_table, write_json
+from llava_rt.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_prefill_attention,
 )
-from llava_rt.kernels.projector import fused_projector  # noqa: E402
-from llava_rt.kernels.rmsnorm import add_rmsnorm  # noqa: E402
-from llava_rt.kernels.rope_kv import rope_kv_write, rope_kv_write_ref, rope_tables  # noqa: E402
-from llava_rt.kernels.swiglu import silu_mul, silu_mul_ref  # noqa: E402
+from llava_rt.kernels.projector import fused_projector
+from llava_rt.kernels.rmsnorm import add_rmsnorm
+from llava_rt.kernels.rope_kv import rope_kv_write, rope_kv_write_ref, rope_tables
+from llava_rt.kernels.swiglu import silu_mul, silu_mul_ref
 
 
 EAGER = []  # what had to be timed with launches included (could not be captured)
@@ -230,11 +228,11 @@ SMOKE_CFG = {"head_dim": 64, "heads": 4, "block_size": 16, "decode": [(1, 40, 4,
              "widths": (64, 96), "rows": [3]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton's interpreter: checks the script runs")
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/kernels-DEVICE-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         sys.exit("bench_kernels: no CUDA GPU; run with --smoke for the CPU plumbing check")

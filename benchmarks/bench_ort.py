@@ -12,28 +12,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import make_inputs, time_ours, time_transformers  # noqa: E402
-from common import median, print_table, write_json  # noqa: E402
-
-from llava_rt.config import LlavaConfig  # noqa: E402
-from llava_rt.export.onnx_export import export_onnx  # noqa: E402
-from llava_rt.export.verify import verify_export  # noqa: E402
-from llava_rt.random_checkpoint import make_random_checkpoint  # noqa: E402
-from llava_rt.runtime.ort_engine import OrtEngine  # noqa: E402
-from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
+from llava_rt.benchmarks.bench_engine import make_inputs, time_ours, time_transformers
+from llava_rt.benchmarks.common import median, print_table, write_json
+from llava_rt.config import LlavaConfig
+from llava_rt.export.onnx_export import export_onnx
+from llava_rt.export.verify import verify_export
+from llava_rt.random_checkpoint import make_random_checkpoint
+from llava_rt.runtime.ort_engine import OrtEngine
+from llava_rt.runtime.torch_engine import TorchEngine
 
 VARIANTS = {"fp32": None, "int8": "int8", "int4": "int4"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint dir (default: a random one of --preset)")
     p.add_argument("--preset", default="mid", choices=["tiny", "mid", "llava-1.5-7b"])
     p.add_argument("--text-tokens", type=int, default=40)
@@ -41,7 +38,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/ort-cpu-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_random_checkpoint(Path(tmp) / "model", args.preset)

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, print_table, write_json  # noqa: E402
+from llava_rt.benchmarks.common import RESULTS, print_table, write_json
 
 QUESTIONS = ["What is in the image?", "Describe the image in detail.", "Which colors do you see?",
              "Write a short story about a red circle.", "List three shapes and where they are."]
@@ -196,8 +195,8 @@ def plot(rows: list[dict], baseline: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint dir (default: a random one of --preset)")
     p.add_argument("--preset", default="mid", choices=["tiny", "mid", "llava-1.5-7b"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -207,7 +206,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (both engines)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/serve-cpu-DATE.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from llava_rt.runtime.llm import AsyncLLM
     from llava_rt.runtime.scheduler import SchedulerConfig

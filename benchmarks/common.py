@@ -10,7 +10,10 @@ import statistics
 import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# A source checkout writes beside the scripts (benchmarks/results/, committed with the machine that made
+# them); an installed copy writes under the current directory.
+_HERE = Path(__file__).resolve().parent
+RESULTS = _HERE / "results" if (_HERE.parent / "pyproject.toml").exists() else Path.cwd() / "llava-bench-results"
 
 
 def cpu_model() -> str:

@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from llava_rt.benchmarks.common import print_table, write_json
 
 LOAD_CHECK = r"""
 import json, sys, time
@@ -72,14 +71,14 @@ def child(cmd: list[str]) -> tuple[float, float, str]:
     return wall, peak, proc.stdout
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="a directory with ~30 GB free (made, then removed)")
     p.add_argument("--ort", action="store_true", help="also open each graph in onnxruntime (needs ~30 GB of memory)")
     p.add_argument("--keep", action="store_true", help="keep WORK afterwards")
     p.add_argument("--preset", default="llava-1.5-7b", choices=["tiny", "mid", "llava-1.5-7b"])
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     ckpt, out = args.work / "ckpt", args.work / "onnx"
     args.work.mkdir(parents=True, exist_ok=True)
     py = sys.executable

@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu_e2e import build_models, prompt, sync  # noqa: E402
-from common import median, print_table, write_json  # noqa: E402
-
-from llava_rt.runtime.engine import SequenceInput  # noqa: E402
-from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
+from llava_rt.benchmarks.bench_gpu_e2e import build_models, prompt, sync
+from llava_rt.benchmarks.common import median, print_table, write_json
+from llava_rt.runtime.engine import SequenceInput
+from llava_rt.runtime.torch_engine import TorchEngine
 
 
 def timed(fn, repeats: int) -> float:
@@ -76,14 +74,14 @@ def kernels(fn, top: int) -> dict:
             "launches": sum(e.count for e in events), "top": rows}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         sys.exit("profile_gpu: no CUDA GPU; run with --smoke for the CPU plumbing check")

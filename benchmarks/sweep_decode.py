@@ -21,19 +21,17 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # must precede the first import of a kernel module
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graph_seconds, print_table, write_json  # noqa: E402
-
-from llava_rt.kernels.paged_attention import default_num_splits, paged_decode_attention  # noqa: E402
+from llava_rt.benchmarks.common import cuda_graph_seconds, print_table, write_json
+from llava_rt.kernels.paged_attention import default_num_splits, paged_decode_attention
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not SMOKE
     if not cuda and not SMOKE:
         sys.exit("sweep_decode: no CUDA GPU; run with --smoke for the CPU plumbing check")
