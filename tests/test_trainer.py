@@ -28,7 +28,7 @@ from llava_rt.runtime.sampling import SamplingParams
 from llava_rt.tokenizer import TextProcessor
 from llava_rt.trainer.data import IGNORE_INDEX, generate_dataset, load_examples, load_scenes, write_short_questions
 from llava_rt.trainer.evaluate import evaluate_scienceqa, objects_mentioned, objects_placed, parse_answer_letter
-from llava_rt.trainer.instructions import detailed_description
+from llava_rt.trainer.instructions import DETAIL_QUESTIONS, detailed_description
 from llava_rt.trainer.loop import batch_indices
 from llava_rt.trainer.recipe import run_recipe, ship_run
 from llava_rt.trainer.stages import mean_loss
@@ -102,9 +102,10 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
     older = {k: v for k, v in full["config"].items() if k != "clip_place_phrases"}  # a report from before the field
     assert reused_base_config(older)["clip_place_phrases"] is False and full["config"]["clip_place_phrases"] is True
     assert full["stage2_short"]["samples"] == len(json.loads((smoke / "short.json").read_text()))
-    # ... and closes with the reasoning pass, one sample per training scene, from stage 2's model.
+    # ... and closes with the reasoning pass from stage 2's model: per training scene a sample of questions and
+    # a description.
     assert full["final_model"] == "stage2-reasoning/final" and full["config"]["reasoning_pass"]["epochs"] == 1
-    assert full["reasoning_pass"]["samples"] + full["reasoning_pass"]["rejected"] == full["config"]["n_train"]
+    assert full["reasoning_pass"]["samples"] + full["reasoning_pass"]["rejected"] == 2 * full["config"]["n_train"]
     curve = losses(smoke / "stage2-short" / "metrics.jsonl")
     assert curve[-1] < 0.7 * curve[0], curve
     assert full["config"]["stage2"]["epochs"] == 2 and full["config"]["short_phase"]["group_by_length"] is False
@@ -628,9 +629,21 @@ def test_reasoning_pass_asks_fresh_reasoning_and_conversation_questions(tmp_path
     assert path.read_bytes() == write_reasoning_pass(data, tmp_path / "again.json", seed=1).read_bytes()
     assert path.read_bytes() != write_reasoning_pass(data, tmp_path / "other.json", seed=2).read_bytes()
     assert corpus_text(data) == corpus  # drawn beside the data set, not into it: the tokenizer's corpus is unchanged
-    samples = json.loads(path.read_text())
-    assert sorted(s["image"] for s in samples) == [f"images/{i:06d}.png" for i in range(40)]  # training scenes, once each
+    everything = json.loads(path.read_text())
+    samples = [s for s in everything if s["type"] == "reasoning"]
+    descriptions = [s for s in everything if s["type"] == "detail"]
+    assert len(samples) + len(descriptions) == len(everything)
+    for kept in (samples, descriptions):  # training scenes, once each
+        assert sorted(s["image"] for s in kept) == [f"images/{i:06d}.png" for i in range(40)]
     assert [s["image"] for s in samples] != sorted(s["image"] for s in samples)  # in a random order
+    # Beside each, the scene's detailed description asked in one of the stage-2 wordings, single-turn.
+    scenes = load_scenes(data)
+    for s in descriptions:
+        question, answer = s["conversations"]
+        assert question["value"].replace("<image>", "").strip() in DETAIL_QUESTIONS
+        assert answer["value"] == detailed_description(scenes[s["id"].split("-")[0]])
+    without = json.loads(write_reasoning_pass(data, tmp_path / "without.json", seed=1, descriptions=False).read_text())
+    assert {s["type"] for s in without} == {"reasoning"} and len(without) == 40
     reasoning_words = ("If all the", "Are there more", "What color is the object farthest", "What color is the highest",
                        "What color is the lowest", "How many objects are to the", "How many other objects")
     instruct = json.loads((data / "instruct.json").read_text())
@@ -642,7 +655,7 @@ def test_reasoning_pass_asks_fresh_reasoning_and_conversation_questions(tmp_path
         assert "<image>" in turns[0]["value"] and all("<image>" not in t["value"] for t in turns[1:])
         questions = [t["value"].replace("<image>", "").strip() for t in turns[::2]]
         n_reasoning = sum(q.startswith(reasoning_words) for q in questions)
-        assert len(questions) - n_reasoning == 2 and n_reasoning in (1, 2, 3), questions  # 2-3 drawn, a scene may have fewer
+        assert len(questions) - n_reasoning == 2 and 1 <= n_reasoning <= 4, questions  # 3-4 drawn, a scene may have fewer
         assert len(set(questions)) == len(questions)
         for q, a in zip(questions, [t["value"] for t in turns[1::2]]):
             seen += 1

@@ -108,12 +108,19 @@ def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int 
         for k, qa in enumerate(short_questions(scene, rng))])
 
 
-def write_reasoning_pass(data_dir: str | Path, out_json: str | Path, seed: int = 0) -> Path:
+def write_reasoning_pass(data_dir: str | Path, out_json: str | Path, seed: int = 0, descriptions: bool = True) -> Path:
     """One sample per training scene of fresh reasoning and conversation questions
-    (`reasoning_pass_questions`), for the reasoning pass that closes stage 2 (trainer/recipe.py). Drawn
-    after the corpus is fixed, so the tokenizer and base models do not depend on it."""
+    (`reasoning_pass_questions`), and with `descriptions` a single-turn detailed description of the same
+    scene beside it, for the reasoning pass that closes stage 2 (trainer/recipe.py). Drawn after the
+    corpus is fixed, so the tokenizer and base models do not depend on it."""
     def make(sid, scene, image, rng):
-        return [_sample(f"{sid}-pass", image, reasoning_pass_questions(scene, rng), "reasoning", rng)]
+        samples = [_sample(f"{sid}-pass", image, reasoning_pass_questions(scene, rng), "reasoning", rng)]
+        if descriptions:
+            # Without them the pass's answer words leak into descriptions asked in words no sample uses
+            # ("What is in the image?"; docs/REPRODUCTION.md, "A reasoning pass").
+            detail = [(rng.choice(DETAIL_QUESTIONS), detailed_description(scene))]
+            samples.append(_sample(f"{sid}-pass-detail", image, detail, "detail", rng))
+        return samples
     return _write_per_training_scene(data_dir, out_json, seed, make, shuffle=True)
 
 

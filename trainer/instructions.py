@@ -297,9 +297,9 @@ def reasoning(scene: Scene, rng: random.Random, turns: int = 1) -> list[tuple[st
 
 
 def reasoning_pass_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Two or three reasoning questions and two conversation questions, fresh draws in a random order, for
+    """Three or four reasoning questions and two conversation questions, fresh draws in a random order, for
     the reasoning pass that closes stage 2 (trainer/recipe.py); the conversation turns keep those forms."""
-    qa = reasoning(scene, rng, turns=rng.randint(2, 3)) + conversation(scene, rng, 2)
+    qa = reasoning(scene, rng, turns=rng.randint(3, 4)) + conversation(scene, rng, 2)
     rng.shuffle(qa)
     return qa
 

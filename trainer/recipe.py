@@ -18,13 +18,15 @@ Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the i
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).
 
-Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, one sample
-per training image of fresh draws of the same question forms, two or three reasoning questions and two
-conversation questions in a random order, 1 epoch at lr 2e-4. LLaVA-Instruct-158K is half complex
-reasoning; our mix has one reasoning sample of one or two questions per image, and the reasoning
-answers, which count before they conclude, went wrong on the counts (docs/REPRODUCTION.md, "A
-reasoning pass"). The pass's questions are drawn beside the data set, not into it, so the tokenizer,
-the base models and both stages are the same with or without it. `--no-reasoning-pass` leaves it out.
+Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, per training
+image one sample of fresh draws of the same question forms, three or four reasoning questions and two
+conversation questions in a random order, and beside it the image's detailed description as a sample of
+its own, 1 epoch at lr 2e-4. LLaVA-Instruct-158K is half complex reasoning; our mix has one reasoning
+sample of one or two questions per image, and the reasoning answers, which count before they conclude,
+went wrong on the counts (docs/REPRODUCTION.md, "A reasoning pass"). Without the descriptions the pass's
+answer words leaked into descriptions asked in untaught words ("What is in the image?"). The pass's
+questions are drawn beside the data set, not into it, so the tokenizer, the base models and both stages
+are the same with or without it. `--no-reasoning-pass` leaves it out.
 
 Stage 2's learning rate is higher than the paper's 2e-5 because our LLM is tiny and was
 pretrained on little text; 2e-5 is tuned for fine-tuning a 7B Vicuna that already speaks well.
@@ -292,7 +294,8 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     report["final_model"] = "stage2/final"
     if r.reasoning_pass is not None:
         t = time.time()
-        questions = write_reasoning_pass(data, out / "reasoning-pass.json", seed=r.seed + 1)
+        questions = write_reasoning_pass(data, out / "reasoning-pass.json", seed=r.seed + 1,
+                                         descriptions="detail" in (stage2_types or ["detail"]))
         report["reasoning_pass"] = run_stage(out / "stage2" / "final", questions, data, out / "stage2-reasoning",
                                              r.reasoning_pass, log=log)
         report["final_model"] = "stage2-reasoning/final"
