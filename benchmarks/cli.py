@@ -1,4 +1,4 @@
-"""llava-bench: the benchmark scripts under one command, each side by side with its baseline.
+"""llava-bench: the benchmark scripts under one command; the timing ones time their baseline in the same run.
 
     llava-bench                       list the benchmarks
     llava-bench latency [ARGS]        = python benchmarks/bench_engine.py [ARGS]
