@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_rt.benchmarks.common import RESULTS, print_table, write_json
+from llava_rt.benchmarks.common import print_table, write_json
 
 QUESTIONS = ["What is in the image?", "Describe the image in detail.", "Which colors do you see?",
              "Write a short story about a red circle.", "List three shapes and where they are."]

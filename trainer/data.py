@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from llava_rt.tokenizer import TextProcessor
 
-from .instructions import (BRIEF_QUESTIONS, DETAIL_QUESTIONS, brief_caption, conversation, detailed_description, reasoning,
-                           reasoning_pass_questions, short_questions)
+from .instructions import (BRIEF_QUESTIONS, brief_caption, conversation, detail_question, reasoning, reasoning_pass_questions,
+                           short_questions)
 from .world import Scene, render, sample_scene
 
 IGNORE_INDEX = -100
@@ -65,7 +65,7 @@ def generate_dataset(out_dir: str | Path, n_train: int, n_eval: int, seed: int =
             scenes_file.write(json.dumps({"id": f"{i:06d}", "split": split, "scene": scene.to_dict()}) + "\n")
             brief = [(rng.choice(BRIEF_QUESTIONS), brief_caption(scene))]
             conv = conversation(scene, rng, turns=rng.randint(3, 5))
-            detail = [(rng.choice(DETAIL_QUESTIONS), detailed_description(scene))]
+            detail = detail_question(scene, rng)
             reason = reasoning(scene, rng, turns=rng.randint(1, 2))
             samples = [_sample(f"{i:06d}-conversation", image, conv, "conversation", rng),
                        _sample(f"{i:06d}-detail", image, detail, "detail", rng)]
@@ -118,8 +118,7 @@ def write_reasoning_pass(data_dir: str | Path, out_json: str | Path, seed: int =
         if descriptions:
             # Without them the pass's answer words leak into descriptions asked in words no sample uses
             # ("What is in the image?"; docs/REPRODUCTION.md, "A reasoning pass").
-            detail = [(rng.choice(DETAIL_QUESTIONS), detailed_description(scene))]
-            samples.append(_sample(f"{sid}-pass-detail", image, detail, "detail", rng))
+            samples.append(_sample(f"{sid}-pass-detail", image, detail_question(scene, rng), "detail", rng))
         return samples
     return _write_per_training_scene(data_dir, out_json, seed, make, shuffle=True)
 

@@ -92,6 +92,11 @@ def detailed_description(scene: Scene) -> str:
     return " ".join(parts)
 
 
+def detail_question(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One turn: a "describe in detail" question drawn from DETAIL_QUESTIONS and the scene's description."""
+    return [(rng.choice(DETAIL_QUESTIONS), detailed_description(scene))]
+
+
 # ----------------------------------------------------------------------------- conversation
 
 
