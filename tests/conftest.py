@@ -1,4 +1,12 @@
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the working directory on sys.path. From the repository root its source
+# folders (kernels/, runtime/, export/: installed as llava_rt.*) would then shadow packages of
+# the same name: transformers 5.25 imports Hugging Face's `kernels` package wherever it is installed.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
