@@ -11,8 +11,12 @@ the same ids: BOS + 576 image tokens + 40 text tokens, greedy, EOS ignored.
     decode_ms_per_token   batch 1, median step time of --new-tokens steps after the first token
     ttft_ms               1 image + 40 text tokens: image encoding + prefill + the first token
     encode_ms, prefill_ms ours: the two halves of that, timed apart (a sync between them)
+    decode_ms_per_token_generate  ours: the same through generate() (each step queued before the
+                          last one's token is read), (total - TTFT) / (tokens - 1)
     tok_s_32              --concurrent requests at once, generated tokens / wall time (prefill included)
     concurrent_prefill_s  ... of which the batch's prefill (its first tokens' median time)
+    tok_s_concurrent_stepwise  ours: the same batch with overlap_decode off (every step waits for
+                          its tokens before the next is queued)
     peak_mem_GiB          torch.cuda.max_memory_allocated over that side's runs (weights included)
 """
 
@@ -122,16 +126,33 @@ def run_ours(engine, cfg, args, pixels) -> dict:
     reqs = [GenerationRequest(prompt(cfg, args.text_tokens, i), emb[i % len(pixels) : i % len(pixels) + 1],
                               SamplingParams(max_new_tokens=args.batch_new_tokens, ignore_eos=True))
             for i in range(args.concurrent)]
-    generate(engine, reqs[:2], set())  # warm-up at a small batch
-    sync()
-    t0 = time.perf_counter()
-    outs = generate(engine, reqs, set())
-    sync()
-    total = time.perf_counter() - t0
-    return {"ttft_ms": median([r[0] for r in runs]) * 1e3, "decode_ms_per_token": median([r[1] for r in runs]) * 1e3,
-            "encode_ms": median([h[0] for h in halves]) * 1e3, "prefill_ms": median([h[1] for h in halves]) * 1e3,
-            "tok_s_concurrent": sum(len(o.token_ids) for o in outs) / total,
-            "concurrent_prefill_s": median([o.ttft_s for o in outs]), "concurrent_total_s": total, "tokens": runs[0][2]}
+    overlap = engine.overlap_decode
+
+    def batch(requests, overlap_decode):
+        engine.overlap_decode = overlap_decode
+        sync()
+        t0 = time.perf_counter()
+        outs = generate(engine, requests, set())
+        sync()
+        engine.overlap_decode = overlap
+        return outs, time.perf_counter() - t0
+
+    batch(reqs[:2], overlap)  # warm-up at a small batch
+    outs, total = batch(reqs, overlap)
+    # generate() at batch 1, as llava-infer decodes: with overlap_decode each step is queued before
+    # the last one's token is read, where the loop above waits for every token
+    alone = [batch(reqs[:1], overlap)[0][0] for _ in range(args.repeats)]
+    r = {"ttft_ms": median([r[0] for r in runs]) * 1e3, "decode_ms_per_token": median([r[1] for r in runs]) * 1e3,
+         "decode_ms_per_token_generate": median([(o.total_s - o.ttft_s) / max(len(o.token_ids) - 1, 1) for o in alone]) * 1e3,
+         "encode_ms": median([h[0] for h in halves]) * 1e3, "prefill_ms": median([h[1] for h in halves]) * 1e3,
+         "tok_s_concurrent": sum(len(o.token_ids) for o in outs) / total,
+         "concurrent_prefill_s": median([o.ttft_s for o in outs]), "concurrent_total_s": total,
+         "overlap_decode": overlap, "tokens": runs[0][2]}
+    if overlap:  # the same batch a step at a time, for the difference
+        stepwise, total_stepwise = batch(reqs, False)
+        assert [o.token_ids for o in stepwise] == [o.token_ids for o in outs], "overlapped decoding changed the tokens"
+        r["tok_s_concurrent_stepwise"] = sum(len(o.token_ids) for o in stepwise) / total_stepwise
+    return r
 
 
 def run_transformers(hf, cfg, args, pixels, dev) -> dict:
@@ -202,6 +223,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     engine = TorchEngine(ours, block_size=16, kv_cache_bytes=(16 << 30) if cuda else (64 << 20),
                          max_num_seqs=max(args.concurrent, 1))
     setup_s = time.perf_counter() - t0
+    if args.smoke:
+        engine.overlap_decode = True  # the GPU's decoding, so the smoke run checks its plumbing too
     r = run_ours(engine, cfg, args, pixels.numpy())
     r.update(kernels=engine.use_kernels, cuda_graphs=engine.graphs is not None and engine.graphs.capture,
              setup_s=round(setup_s, 1))

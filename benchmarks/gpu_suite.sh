@@ -6,6 +6,7 @@
 #
 # SUITE_SECONDS (default 480) is the whole run's budget: each step's limit is cut to what is left,
 # so the call ends before the device tool's timeout and the bundle below always comes back.
+# STEPS (default: all) names the steps after env to run, e.g. STEPS="tests e2e profile".
 # Steps (each logged to NAME.log; a failed step does not stop the later ones, the exit code says
 # whether all passed):
 #   install   pip install -e . without dependencies (the machine is offline; torch, triton,
@@ -45,6 +46,10 @@ bundle() {
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    case " wheels install env ${STEPS:-$name} " in
+        *" $name "*) ;;
+        *) summary+=("$name skipped: not in STEPS"); return ;;
+    esac
     local left=$((BUDGET - SECONDS - 5))
     if [ "$left" -lt 10 ]; then
         summary+=("$name skipped: the suite's ${BUDGET}s budget is spent")

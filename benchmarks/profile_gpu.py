@@ -11,6 +11,8 @@ Phases (1 image + 40 text tokens, as in bench_gpu_e2e.py):
     prefill_eager     the same without the prefill graphs (op by op)
     decode_bN         engine.decode at batch N: host work, graph replay, logits back to the host
     decode_bN_greedy  the same with greedy_only: only the argmax tokens come back
+    decode_bN_overlapped  per step, 10 greedy steps each queued (decode_async) before the last
+                      one's tokens are read, as generate() runs them
     replay_bN         the CUDA graph's replay alone (what the GPU needs for the step)
 For encode, prefill (both ways) and an eager decode step (the graph's body run op by op) it records the
 kernels with torch.profiler: the sum of kernel time against the wall time says whether the phase
@@ -120,6 +122,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         seqs, toks = list(range(b)), [7] * b
         phases[f"decode_b{b}"] = timed(lambda: engine.decode(seqs, toks), 10)
         phases[f"decode_b{b}_greedy"] = timed(lambda: engine.decode(seqs, toks, greedy_only=True), 10)
+
+        def overlapped(steps=10):  # as generate() decodes: each step queued before the last one's tokens are read
+            pending = engine.decode_async(seqs, toks)
+            for _ in range(steps - 1):
+                queued = engine.decode_async(seqs, (pending, list(range(b))))
+                pending.result()
+                pending = queued
+            pending.result()
+        phases[f"decode_b{b}_overlapped"] = timed(overlapped, 3) / 10
         g = engine.graphs
         bucket = g.bucket(b)
         if bucket is not None:

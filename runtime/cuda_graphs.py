@@ -5,7 +5,9 @@ A decode step of a 7B model is ~1,000 kernel launches; at batch 1 launching them
 costs more than the ~5 ms the GPU needs. Each bucket's step is captured once and replayed:
 the step's inputs are copied into static buffers (from pinned host memory, asynchronously),
 the graph runs, and only the logits (or, for greedy batches, the argmax tokens the graph also
-computes) come back to the host, which is the step's one sync.
+computes) come back to the host, which is the step's one sync. The token ids may instead come
+from an earlier step's output on the device (TorchEngine.decode_async), so a step can be queued
+before the host has read the last one's tokens.
 
 Batches are padded up to the next bucket with dummy rows: slot -1 (nothing is written to the
 cache), context length 1, block 0 (read but ignored). The block table is as wide as the
@@ -23,6 +25,7 @@ import torch
 from llava_rt.model import PagedKV
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+STAGING_SLOTS = 3  # decode steps in flight at most: one running, one queued behind it, one being filled
 
 
 @torch.inference_mode()
@@ -51,10 +54,14 @@ class DecodeGraphs:
         self.width = -(-engine.max_context // engine.blocks.block_size)
         pin = dev.type == "cuda"
         host = lambda *shape: torch.zeros(*shape, dtype=torch.int64, pin_memory=pin)  # noqa: E731
-        # ids, positions, slots, context lens; and the block tables, staged in pinned memory.
-        self.host_vec = host(4, n)
-        self.host_tables = host(n, self.width)
-        self.vec = torch.zeros(4, n, dtype=torch.int64, device=dev)
+        # Pinned staging for a step's inputs and its greedy tokens, in slots taken in turn: with a step
+        # queued ahead (TorchEngine.decode_async) the last step's copies may still be pending, so a
+        # slot is refilled only after the event recorded behind its last step (passed long before).
+        self.staging = [(host(5, n), host(n, self.width), host(n)) for _ in range(STAGING_SLOTS)]
+        self.staged: list[torch.cuda.Event | None] = [None] * STAGING_SLOTS
+        self.slot = 0
+        # ids, positions, slots, context lens, and the rows of an earlier step's tokens that feed the ids
+        self.vec = torch.zeros(5, n, dtype=torch.int64, device=dev)
         self.tables = torch.zeros(n, self.width, dtype=torch.int64, device=dev)
         self.zeros = torch.zeros(n, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -79,31 +86,47 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _fill(self, ids, positions, slots, lens, tables) -> None:
+    def _fill(self, ids, positions, slots, lens, tables, feed=None) -> None:
         n = len(ids)
-        vec, tab = self.host_vec.numpy(), self.host_tables.numpy()  # numpy views: no tensor per row
-        vec[:, n:] = np.array([0, 0, -1, 1])[:, None]  # dummy rows: no cache write, one (ignored) key
-        for i, xs in enumerate((ids, positions, slots, lens)):
-            vec[i, :n] = xs
+        host_vec, host_tables, _ = self.staging[self.slot]
+        vec, tab = host_vec.numpy(), host_tables.numpy()  # numpy views: no tensor per row
+        vec[:, n:] = np.array([0, 0, -1, 1, 0])[:, None]  # dummy rows: no cache write, one (ignored) key
+        for i, xs in enumerate((ids, positions, slots, lens, [] if feed is None else feed[1])):
+            vec[i, : len(xs)] = xs
         tab.fill(0)
         for row, table in enumerate(tables):
             tab[row, : len(table)] = table
-        self.vec.copy_(self.host_vec, non_blocking=True)
-        self.tables.copy_(self.host_tables, non_blocking=True)
+        self.vec.copy_(host_vec, non_blocking=True)
+        self.tables.copy_(host_tables, non_blocking=True)
+        if feed is not None:  # the ids are an earlier step's tokens, still on the device
+            self.vec[0, :n] = feed[0].index_select(0, self.vec[4, :n])
 
     @torch.inference_mode()
-    def run(self, ids, positions, slots, lens, tables, greedy_only: bool = False) -> np.ndarray:
-        """One decode step for len(ids) sequences (<= the largest bucket): logits [n, vocab] fp32,
-        or with greedy_only the argmax tokens [n] (4 MB fewer to copy back at batch 32)."""
+    def run(self, ids, positions, slots, lens, tables, greedy_only: bool = False, feed=None):
+        """One decode step for len(ids) sequences (<= the largest bucket), queued. Returns logits
+        [n, vocab] on the device, valid until the next step; or with greedy_only (tokens [n] on the
+        device, their copy on its way to pinned memory, the event after which it has arrived): 4 MB
+        fewer to copy back than the logits at batch 32. feed: (an earlier step's tokens on the
+        device, the row of them each sequence reads) in place of `ids`."""
         n = len(ids)
         bs = self.bucket(n)
-        self._fill(ids, positions, slots, lens, tables)
+        if self.staged[self.slot] is not None:
+            self.staged[self.slot].synchronize()
+        self._fill(ids, positions, slots, lens, tables, feed)
         if self.capture:
             self.graphs[bs].replay()
             logits, tokens = self.outputs[bs]
         else:
             logits, tokens = self._step(bs)
-        return tokens[:n].cpu().numpy() if greedy_only else logits[:n].float().cpu().numpy()
+        host_tokens = self.staging[self.slot][2][:n]
+        if greedy_only:
+            tokens = tokens[:n].clone()  # the graph's output buffer is overwritten by its next replay
+            host_tokens.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event() if self.vec.is_cuda else None
+        if done is not None:
+            done.record()
+        self.staged[self.slot], self.slot = done, (self.slot + 1) % STAGING_SLOTS
+        return (tokens, host_tokens, done) if greedy_only else logits[:n]
 
 
 class PrefillGraphs:
@@ -154,8 +177,8 @@ class PrefillGraphs:
             self.embeds[:, :n].copy_(embeds)
 
     @torch.inference_mode()
-    def run(self, embeds: torch.Tensor, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """embeds [1, n, hidden] of a whole prompt (n within max_tokens): logits [1, vocab] fp32."""
+    def run(self, embeds: torch.Tensor, positions: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+        """embeds [1, n, hidden] of a whole prompt (n within max_tokens): logits [1, vocab], on the device."""
         t = self.bucket(embeds.shape[1])
         if self.capture and t not in self.graphs:
             self._fill(None, [], [])  # all rows padding while warming up and capturing: no cache writes
@@ -166,7 +189,7 @@ class PrefillGraphs:
             graph.replay()
         else:
             logits = self._step(t)
-        return logits.float().cpu().numpy()
+        return logits
 
 
 class EncodeGraphs:

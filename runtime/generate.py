@@ -2,6 +2,12 @@
 
 Requests leave the batch (and free their KV blocks) as soon as they finish. The continuous
 batching scheduler, where requests also join between steps, builds on the same engine calls.
+
+On an engine that can queue a step before the last one's tokens are read (`overlap_decode`,
+the torch engine on CUDA), greedy batches run one step ahead: step n+1 is queued with step n's
+tokens still on the device, and the host reads and accepts step n's tokens while the GPU runs
+n+1. A request that stops on EOS wastes its row of the step queued after it; requests that stop
+for length are known a step ahead and never get one.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def generate(
             tokens[i].append(token)
             if on_token is not None:
                 on_token(i, token)
-            full = engine.seq_len(seq_ids[i]) + 1 >= engine.max_context
+            full = len(requests[i].prompt_ids) + len(tokens[i]) >= engine.max_context  # no room to decode it
             if len(tokens[i]) >= params.max_new_tokens or full:
                 reasons[i] = "length"
         if reasons[i] is not None:
@@ -82,10 +88,9 @@ def generate(
         )
         for i in range(len(requests)):
             accept(i, samplers[i](logits[i]))
-        while True:
-            running = [i for i in range(len(requests)) if reasons[i] is None]
-            if not running:
-                break
+        if getattr(engine, "overlap_decode", False) and all_greedy(samplers):
+            decode_overlapped(engine, requests, seq_ids, tokens, reasons, accept)
+        while running := [i for i in range(len(requests)) if reasons[i] is None]:
             greedy = all_greedy([samplers[i] for i in running])
             out = engine.decode([seq_ids[i] for i in running], [tokens[i][-1] for i in running], greedy_only=greedy)
             for row, i in enumerate(running):
@@ -98,3 +103,23 @@ def generate(
         GenerationOutput(tokens[i], reasons[i], len(r.prompt_ids), first[i], ends[i])
         for i, r in enumerate(requests)
     ]
+
+
+def decode_overlapped(engine, requests, seq_ids, tokens, reasons, accept) -> None:
+    """Greedy decoding one step ahead (see the module docstring) until every request has ended."""
+
+    def may_continue(i: int) -> bool:  # after the token now pending: False if that one is its last for length
+        n = len(tokens[i]) + 1
+        return n < requests[i].params.max_new_tokens and len(requests[i].prompt_ids) + n < engine.max_context
+
+    rows = [i for i in range(len(requests)) if reasons[i] is None]  # the request in each row of `pending`
+    pending = engine.decode_async([seq_ids[i] for i in rows], [tokens[i][-1] for i in rows]) if rows else None
+    while pending is not None:
+        ahead = [row for row, i in enumerate(rows) if reasons[i] is None and may_continue(i)]
+        queued = engine.decode_async([seq_ids[rows[row]] for row in ahead], (pending, ahead)) if ahead else None
+        out = pending.result()
+        for row, i in enumerate(rows):
+            if reasons[i] is None:  # else it stopped on EOS a step ago and this row was wasted
+                accept(i, int(out[row]))
+        rows, pending = [rows[row] for row in ahead], queued
+

@@ -48,6 +48,27 @@ def use_onednn_linears(model: torch.nn.Module, min_weights: int = 768 * 768) -> 
                 setattr(parent, name, OneDNNLinear(child))
 
 
+class DeviceTokens:
+    """The greedy tokens of a decode step that may still be running: on the device, where the next
+    step can read them (decode_async), and on their way to pinned host memory; result() waits for
+    them, the step's one sync."""
+
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None = None, ready=None):
+        self.tokens, self._host, self._ready = tokens, tokens, ready
+        if tokens.is_cuda and host is None:  # not staged by the decode graphs: copied back here
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        if host is not None:
+            self._host = host
+
+    def result(self) -> np.ndarray:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.numpy().copy()
+
+
 class TorchEngine:
     backend = "torch"
 
@@ -74,6 +95,10 @@ class TorchEngine:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
         self.blocks = BlockAllocator(num_blocks, block_size)
+        # generate() queues each greedy decode step before reading the last one's tokens
+        # (decode_async), so the host's bookkeeping runs while the GPU works. On the CPU the ops are
+        # synchronous anyway, and a step queued for a sequence that then stops would be wasted.
+        self.overlap_decode = self.device.type == "cuda"
         # The Triton kernels (llava_rt.kernels) run on CUDA where Triton is installed; None = that.
         # True on the CPU works only under TRITON_INTERPRET=1 (tests).
         if use_kernels is None:
@@ -161,14 +186,35 @@ class TorchEngine:
             image_features = VisionFeatures(torch.cat([f.features for f in features]))
         else:
             image_features = torch.cat(features) if features else None
-        return self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
+        logits = self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
+        return logits.float().cpu().numpy()
 
     def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray:
-        return self._forward(seq_ids, [[t] for t in tokens], None, greedy_only)
+        out = self._forward(seq_ids, [[t] for t in tokens], None, greedy_only)
+        if greedy_only:  # only the tokens cross to the host
+            return DeviceTokens(*out).result() if isinstance(out, tuple) else out.cpu().numpy()
+        return out.float().cpu().numpy()
+
+    def decode_async(self, seq_ids: list[int], tokens: list[int] | tuple[DeviceTokens, list[int]]) -> DeviceTokens:
+        """decode(seq_ids, tokens, greedy_only=True) without waiting for the step: it is queued on the
+        GPU and its tokens come back as DeviceTokens. `tokens` may be (an earlier step's DeviceTokens,
+        the row of it that feeds each sequence), so a step can be queued before the host has seen the
+        tokens it reads."""
+        feed = None
+        if isinstance(tokens, tuple):
+            prev, rows = tokens
+            if len(rows) != len(seq_ids) or any(not 0 <= r < len(prev.tokens) for r in rows):
+                raise ValueError(f"rows {rows} do not pick one token of the earlier step per sequence")
+            feed, tokens = (prev.tokens, list(rows)), [0] * len(seq_ids)
+        out = self._forward(seq_ids, [[t] for t in tokens], None, True, feed)
+        return DeviceTokens(*out) if isinstance(out, tuple) else DeviceTokens(out)
 
     @torch.inference_mode()
     def _forward(self, seq_ids: list[int], token_lists: list[list[int]], image_features,
-                 greedy_only: bool = False) -> np.ndarray:
+                 greedy_only: bool = False, feed=None):
+        """Logits [B, vocab] at each sequence's last new token, or with greedy_only their argmax [B],
+        on the device (from the decode graphs: DecodeGraphs.run's tokens, host copy and event).
+        feed: (device tokens, rows) that replace the one-token lists' ids."""
         new = {s: len(t) for s, t in zip(seq_ids, token_lists)}
         if len(new) != len(seq_ids) or any(n == 0 for n in new.values()):
             raise ValueError("each sequence must appear once with at least one token")
@@ -184,14 +230,14 @@ class TorchEngine:
             )
         before = {s: self.blocks.length(s) for s in seq_ids}
         try:
-            return self._run(seq_ids, token_lists, image_features, max(new.values()), greedy_only)
+            return self._run(seq_ids, token_lists, image_features, max(new.values()), greedy_only, feed)
         except BaseException:
             for s, n in before.items():  # undo this step's reservations so a failed call loses nothing
                 if s in self.blocks.lengths:
                     self.blocks.truncate(s, n)
             raise
 
-    def _run(self, seq_ids, token_lists, image_features, t, greedy_only) -> np.ndarray:
+    def _run(self, seq_ids, token_lists, image_features, t, greedy_only, feed):
         b = len(seq_ids)
         pad = self.config.text_config.pad_token_id or 0
         ids = np.full((b, t), pad, dtype=np.int64)
@@ -205,18 +251,19 @@ class TorchEngine:
         tables = [self.blocks.tables[s] for s in seq_ids]
         lens = np.array([self.blocks.length(s) for s in seq_ids], dtype=np.int64)
         if t == 1 and self.graphs is not None and self.graphs.bucket(b) is not None:
-            return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables, greedy_only)
+            return self.graphs.run(ids[:, 0], positions[:, 0], slots[:, 0], lens, tables, greedy_only, feed)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        ids = as_tensor(ids)
+        if feed is not None:
+            ids[:, 0] = feed[0][as_tensor(np.array(feed[1], dtype=np.int64))]
         prefix_free = bool((positions[:, 0] == 0).all())
         if b == 1 and prefix_free and self.prefill_graphs is not None and self.prefill_graphs.bucket(t) is not None:
-            embeds = self.model.embed(as_tensor(ids), image_features)
+            embeds = self.model.embed(ids, image_features)
             return self.prefill_graphs.run(embeds, positions[0], slots[0])
         width = max(len(tb) for tb in tables)
         block_tables = np.array([tb + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
         kv = PagedKV(self.k_caches, self.v_caches, as_tensor(slots), as_tensor(block_tables), as_tensor(lens),
                      rope_tables=self.rope_tables, prefix_free=prefix_free)
         last = as_tensor(np.array([len(x) - 1 for x in token_lists], dtype=np.int64))
-        logits = self.model(as_tensor(ids), positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
-        if greedy_only:  # only the tokens cross to the host
-            return logits.argmax(-1).cpu().numpy()
-        return logits.float().cpu().numpy()
+        logits = self.model(ids, positions=as_tensor(positions), kv=kv, image_features=image_features, logits_index=last)
+        return logits.argmax(-1) if greedy_only else logits

@@ -44,6 +44,62 @@ def test_batched_equals_alone(ckpt):
     assert engine.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_overlapped_decode_equals_step_by_step(ckpt):
+    """Greedy generate() one step ahead (decode_async: each step queued with the last one's tokens
+    still on the device; the default on CUDA) gives the step-by-step tokens and finish reasons for
+    requests that stop on EOS mid-batch, on their token budget and on the context, and frees every
+    block."""
+    engine = load_engine(ckpt, block_size=4)
+    reqs = requests_for(engine)
+    gen = torch.Generator().manual_seed(3)  # a text prompt 5 tokens short of the 256-token context
+    reqs.append(GenerationRequest([1] + torch.randint(3, 290, (250,), generator=gen).tolist(), None,
+                                  SamplingParams(max_new_tokens=40)))
+    free_run = [o.token_ids for o in generate(engine, reqs, set())]
+    eos = {free_run[0][2], free_run[4][5]}
+    calls = []
+    decode_async = engine.decode_async
+    engine.decode_async = lambda seqs, toks: calls.append(len(seqs)) or decode_async(seqs, toks)
+    outs = {}
+    for overlap in (False, True):
+        engine.overlap_decode = overlap
+        outs[overlap] = [(o.token_ids, o.finish_reason) for o in generate(engine, reqs, eos)]
+        assert engine.num_free_blocks == engine.blocks.num_blocks
+    assert outs[True] == outs[False]
+    assert [r for _, r in outs[True]].count("stop") >= 2 and outs[True][-1] == (free_run[-1][:5], "length")
+    # The first step queued every request whose first token was not EOS, and a step a token after it
+    # (the last token for length needs no step; a stop on EOS took one).
+    assert calls[0] == sum(1 for t, _ in outs[True] if t)
+    assert len(calls) == max(len(t) - (r == "length") for t, r in outs[True])
+    sampled = [GenerationRequest(r.prompt_ids, r.image_embeds, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1))
+               for r in reqs[:2]]
+    calls.clear()
+    generate(engine, sampled, set())  # sampling needs the logits: step by step
+    assert calls == []
+
+
+def test_decode_async_reads_an_earlier_steps_tokens(ckpt):
+    """A queued step reads the rows of an earlier step's tokens it is given, in any order: the same
+    tokens as decode(greedy_only=True) fed those tokens from the host."""
+    engine = load_engine(ckpt, block_size=4)
+    reqs = requests_for(engine)[:3]
+    got = []
+    for mode in ("host", "device"):
+        for s, r in enumerate(reqs):
+            engine.prefill([SequenceInput(s, r.prompt_ids, r.image_embeds)])
+        first = engine.decode_async([0, 1, 2], [7, 8, 9])
+        if mode == "host":
+            second = engine.decode([2, 0], first.result()[[2, 0]].tolist(), greedy_only=True)
+        else:
+            second = engine.decode_async([2, 0], (first, [2, 0])).result()
+        got.append((first.result().tolist(), second.tolist()))
+        with pytest.raises(ValueError, match="rows"):
+            engine.decode_async([1], (first, [3]))
+        for s in range(3):
+            engine.release(s)
+    assert got[0] == got[1]
+    assert engine.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_onednn_linears_match_plain_linears(ckpt):
     """The CPU fp32 engine's oneDNN linears (the default where available, for layers from 768 x 768)
     give the plain nn.Linear engine's logits: prefill of every request, then two decode steps."""

@@ -171,14 +171,18 @@ def test_engine_kernel_path_matches_torch_path(tiny_model):
         ids = [1] + ([cfg.image_token_index] * cfg.image_seq_length if i != 1 else []) + text
         reqs.append((ids, None if i == 1 else i // 2))
     outs = []
-    for engine in (plain, fast, static):
+    # The static engine twice: step by step, then each step queued with the last one's tokens
+    # still on the device (decode_async, the default on CUDA), budgets of 8 and 5 tokens.
+    for engine, overlap in ((plain, False), (fast, False), (static, False), (static, True)):
+        engine.overlap_decode = overlap
         embeds = engine.encode_images(pixels)
-        rs = [GenerationRequest(ids, None if img is None else embeds[img : img + 1], SamplingParams(max_new_tokens=8))
-              for ids, img in reqs]
+        rs = [GenerationRequest(ids, None if img is None else embeds[img : img + 1],
+                                SamplingParams(max_new_tokens=8 - 3 * (i == 2)))
+              for i, (ids, img) in enumerate(reqs)]
         outs.append([o.token_ids for o in generate(engine, rs, eos_token_ids=set())])
         assert engine.num_free_blocks == engine.blocks.num_blocks
-    assert outs[0] == outs[1] == outs[2]
-    assert replays and 3 in replays, "decode steps must go through the static buffers"
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert replays and 3 in replays and 2 in replays, "decode steps must go through the static buffers"
     # Chunked prefill through the kernels: the same last-token logits as the torch path in one go.
     ids = reqs[1][0]
     whole = plain.prefill([SequenceInput(0, ids)])
@@ -240,20 +244,32 @@ def test_prefill_graphs_and_greedy_decode_match_torch_path(tiny_model):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
 def test_cuda_engine_matches_cpu_fp32(tiny_model):
-    """The engine on CUDA (kernels + CUDA graphs) gives the CPU fp32 torch path's greedy tokens."""
+    """The engine on CUDA (kernels + CUDA graphs, each decode step queued before the last one's
+    tokens are read) gives the CPU fp32 torch path's greedy tokens and finish reasons, alone and
+    in a batch where requests stop on EOS and on their budgets at different steps."""
     import copy
 
     cuda = TorchEngine(tiny_model, block_size=16, kv_cache_bytes=1 << 22)
-    assert cuda.use_kernels and cuda.graphs is not None and cuda.graphs.capture
+    assert cuda.use_kernels and cuda.graphs is not None and cuda.graphs.capture and cuda.overlap_decode
     cpu = TorchEngine(copy.deepcopy(tiny_model).cpu(), block_size=16, kv_cache_bytes=1 << 22)
+    assert not cpu.overlap_decode
     cfg = tiny_model.config
     pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
-    ids = [1, 5] + [cfg.image_token_index] * cfg.image_seq_length + list(range(10, 30))
-    outs = []
+    prompts = [[1, 5] + [cfg.image_token_index] * cfg.image_seq_length + list(range(10, 30)),
+               list(range(40, 47)), list(range(50, 71)), [1] + list(range(80, 84))]
+    outs = {}
     for engine in (cpu, cuda):
-        req = GenerationRequest(ids, engine.encode_images(pixels), SamplingParams(max_new_tokens=16))
-        outs.append(generate(engine, [req], eos_token_ids=set())[0].token_ids)
-    assert outs[0] == outs[1]
+        def reqs(budgets):
+            return [GenerationRequest(ids, engine.encode_images(pixels) if i == 0 else None, SamplingParams(max_new_tokens=n))
+                    for i, (ids, n) in enumerate(zip(prompts, budgets))]
+        alone = generate(engine, reqs([16])[:1], eos_token_ids=set())[0].token_ids
+        free = [o.token_ids for o in generate(engine, reqs([16, 20, 9, 20]), eos_token_ids=set())]
+        eos = {free[1][4], free[3][11]} if engine is cpu else eos
+        batch = [(o.token_ids, o.finish_reason) for o in generate(engine, reqs([16, 20, 9, 20]), eos_token_ids=eos)]
+        outs[engine.device.type] = alone, free, batch
+        assert engine.num_free_blocks == engine.blocks.num_blocks
+    assert outs["cpu"] == outs["cuda"]
+    assert [r for _, r in outs["cuda"][2]].count("stop") >= 2
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
