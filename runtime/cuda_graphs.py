@@ -118,9 +118,9 @@ class DecodeGraphs:
             logits, tokens = self.outputs[bs]
         else:
             logits, tokens = self._step(bs)
-        host_tokens = self.staging[self.slot][2][:n]
         if greedy_only:
             tokens = tokens[:n].clone()  # the graph's output buffer is overwritten by its next replay
+            host_tokens = self.staging[self.slot][2][:n]
             host_tokens.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event() if self.vec.is_cuda else None
         if done is not None:

@@ -54,14 +54,19 @@ class DeviceTokens:
     them, the step's one sync."""
 
     def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None = None, ready=None):
-        self.tokens, self._host, self._ready = tokens, tokens, ready
-        if tokens.is_cuda and host is None:  # not staged by the decode graphs: copied back here
+        """tokens: on the device; host, ready: their staged copy and its event (DecodeGraphs.run),
+        or None to copy them back here."""
+        if tokens.is_cuda and host is None:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        if host is not None:
-            self._host = host
+            ready = torch.cuda.Event()
+            ready.record()
+        self.tokens, self._host, self._ready = tokens, tokens if host is None else host, ready
+
+    @classmethod
+    def of(cls, out) -> "DeviceTokens":
+        """From a greedy _forward: the decode graphs' (tokens, host copy, event), or eager tokens."""
+        return cls(*out) if isinstance(out, tuple) else cls(out)
 
     def result(self) -> np.ndarray:
         if self._ready is not None:
@@ -192,7 +197,7 @@ class TorchEngine:
     def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray:
         out = self._forward(seq_ids, [[t] for t in tokens], None, greedy_only)
         if greedy_only:  # only the tokens cross to the host
-            return DeviceTokens(*out).result() if isinstance(out, tuple) else out.cpu().numpy()
+            return DeviceTokens.of(out).result()
         return out.float().cpu().numpy()
 
     def decode_async(self, seq_ids: list[int], tokens: list[int] | tuple[DeviceTokens, list[int]]) -> DeviceTokens:
@@ -206,8 +211,7 @@ class TorchEngine:
             if len(rows) != len(seq_ids) or any(not 0 <= r < len(prev.tokens) for r in rows):
                 raise ValueError(f"rows {rows} do not pick one token of the earlier step per sequence")
             feed, tokens = (prev.tokens, list(rows)), [0] * len(seq_ids)
-        out = self._forward(seq_ids, [[t] for t in tokens], None, True, feed)
-        return DeviceTokens(*out) if isinstance(out, tuple) else DeviceTokens(out)
+        return DeviceTokens.of(self._forward(seq_ids, [[t] for t in tokens], None, True, feed))
 
     @torch.inference_mode()
     def _forward(self, seq_ids: list[int], token_lists: list[list[int]], image_features,
