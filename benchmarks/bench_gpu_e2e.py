@@ -17,6 +17,11 @@ the same ids: BOS + 576 image tokens + 40 text tokens, greedy, EOS ignored.
     concurrent_prefill_s  ... of which the batch's prefill (its first tokens' median time)
     tok_s_concurrent_stepwise  ours: the same batch with overlap_decode off (every step waits for
                           its tokens before the next is queued)
+    The batch's 32 requests ask about 4 images (8 each, different text). Ours starts each timed batch
+    with an empty prefix cache: the first request of each image computes its image's blocks, the
+    other 7 start on them (prefix caching). For the difference:
+    tok_s_concurrent_no_prefix_cache  ours: the same batch with prefix caching off
+    tok_s_concurrent_distinct_images  ours: 32 requests on 32 different images (nothing to share)
     peak_mem_GiB          torch.cuda.max_memory_allocated over that side's runs (weights included)
 """
 
@@ -37,6 +42,7 @@ from llava_rt.model import LlavaForConditionalGeneration
 from llava_rt.random_checkpoint import preset
 from llava_rt.runtime.engine import SequenceInput
 from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.runtime.kv_cache import image_key
 from llava_rt.runtime.sampling import SamplingParams
 from llava_rt.runtime.torch_engine import TorchEngine
 
@@ -89,7 +95,7 @@ def prompt(cfg, text_tokens: int, seed: int) -> list[int]:
     return [1] + [cfg.image_token_index] * cfg.image_seq_length + text
 
 
-def run_ours(engine, cfg, args, pixels) -> dict:
+def run_ours(engine, cfg, args, pixels, distinct_pixels) -> dict:
     ids = prompt(cfg, args.text_tokens, 0)
     greedy = lambda logits: int(np.argmax(logits[0]))  # noqa: E731
 
@@ -122,19 +128,24 @@ def run_ours(engine, cfg, args, pixels) -> dict:
         engine.release(0)
         return t1 - t0, t2 - t1
     halves = [split_ttft() for _ in range(max(args.repeats, 5))]
-    emb = engine.encode_images(pixels)
-    reqs = [GenerationRequest(prompt(cfg, args.text_tokens, i), emb[i % len(pixels) : i % len(pixels) + 1],
-                              SamplingParams(max_new_tokens=args.batch_new_tokens, ignore_eos=True))
-            for i in range(args.concurrent)]
+    def requests(images):  # request i asks about images[i % len(images)]
+        emb = engine.encode_images(images)
+        return [GenerationRequest(prompt(cfg, args.text_tokens, i), emb[i % len(images) : i % len(images) + 1],
+                                  SamplingParams(max_new_tokens=args.batch_new_tokens, ignore_eos=True),
+                                  [image_key(images[i % len(images)])])
+                for i in range(args.concurrent)]
+
+    reqs = requests(pixels)
     overlap = engine.overlap_decode
 
-    def batch(requests, overlap_decode):
-        engine.overlap_decode = overlap_decode
+    def batch(requests, overlap_decode, prefix_caching=True):
+        engine.overlap_decode, engine.blocks.prefix_caching = overlap_decode, prefix_caching
+        engine.reset_prefix_cache()  # a cold start: only this batch's own requests share blocks
         sync()
         t0 = time.perf_counter()
         outs = generate(engine, requests, set())
         sync()
-        engine.overlap_decode = overlap
+        engine.overlap_decode, engine.blocks.prefix_caching = overlap, True
         return outs, time.perf_counter() - t0
 
     batch(reqs[:2], overlap)  # warm-up at a small batch
@@ -152,6 +163,13 @@ def run_ours(engine, cfg, args, pixels) -> dict:
         stepwise, total_stepwise = batch(reqs, False)
         assert [o.token_ids for o in stepwise] == [o.token_ids for o in outs], "overlapped decoding changed the tokens"
         r["tok_s_concurrent_stepwise"] = sum(len(o.token_ids) for o in stepwise) / total_stepwise
+    uncached, total_uncached = batch(reqs, overlap, prefix_caching=False)
+    r["tok_s_concurrent_no_prefix_cache"] = sum(len(o.token_ids) for o in uncached) / total_uncached
+    r["concurrent_prefill_s_no_prefix_cache"] = median([o.ttft_s for o in uncached])
+    # fp16 sums in another order may break a near tie another way; count the requests that agree
+    r["prefix_cache_same_tokens"] = sum(a.token_ids == b.token_ids for a, b in zip(outs, uncached))
+    distinct, total_distinct = batch(requests(distinct_pixels), overlap)
+    r["tok_s_concurrent_distinct_images"] = sum(len(o.token_ids) for o in distinct) / total_distinct
     return r
 
 
@@ -225,7 +243,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     setup_s = time.perf_counter() - t0
     if args.smoke:
         engine.overlap_decode = True  # the GPU's decoding, so the smoke run checks its plumbing too
-    r = run_ours(engine, cfg, args, pixels.numpy())
+    distinct = torch.randn(args.concurrent, 3, size, size, generator=torch.Generator().manual_seed(1))
+    r = run_ours(engine, cfg, args, pixels.numpy(), distinct.numpy())
     r.update(kernels=engine.use_kernels, cuda_graphs=engine.graphs is not None and engine.graphs.capture,
              setup_s=round(setup_s, 1))
     if cuda:

@@ -6,6 +6,8 @@
                                     greedy_only=True the argmax tokens [B] instead (on a GPU only
                                     the token ids then cross to the host)
     release(seq_id)              -> frees the sequence's KV blocks
+    attach_prefix(seq_id, ids, image_keys) -> tokens of the prompt already in the KV cache
+                                    (optional: the torch engine's prefix caching)
 
 Scheduling, sampling, detokenization, the CLI and the server sit above this and never learn
 which backend runs. Logits come back as numpy float32 so every backend shares the sampler.
@@ -26,6 +28,10 @@ class SequenceInput:
     seq_id: int
     token_ids: list[int]  # new tokens; <image> already expanded to image_seq_length slots
     image_embeds: Any = None  # from encode_images: one entry per <image> in token_ids, in order
+    # The images' content keys (kv_cache.image_key), for prefix caching: None = unknown, so a prompt
+    # with images is computed whole. A call that starts inside an image (its first rows already
+    # cached) passes that whole image; the rows already in the cache are skipped.
+    image_keys: list[str] | None = None
 
 
 class Engine(Protocol):

@@ -28,6 +28,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     image_embeds: Any = None  # from engine.encode_images, one per <image> in the prompt
     params: SamplingParams = field(default_factory=SamplingParams)
+    image_keys: list[str] | None = None  # content keys of the images (kv_cache.image_key): prefix caching
 
 
 @dataclass
@@ -84,7 +85,7 @@ def generate(
 
     try:
         logits = engine.prefill(
-            [SequenceInput(s, r.prompt_ids, r.image_embeds) for s, r in zip(seq_ids, requests)]
+            [SequenceInput(s, r.prompt_ids, r.image_embeds, r.image_keys) for s, r in zip(seq_ids, requests)]
         )
         for i in range(len(requests)):
             accept(i, samplers[i](logits[i]))

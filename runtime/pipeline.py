@@ -17,6 +17,7 @@ from llava_rt.tokenizer import StreamingDetokenizer, TextProcessor
 
 from .engine import Engine, load_engine
 from .generate import GenerationRequest, check_prompt_fits, generate
+from .kv_cache import image_key
 from .sampling import SamplingParams
 
 
@@ -66,8 +67,9 @@ class Pipeline:
 
     def prepare(self, messages: list[dict], images: list[Image.Image], params: SamplingParams) -> GenerationRequest:
         ids = self.prompt_ids(messages, len(images))
-        embeds = self.engine.encode_images(preprocess(images, self.image_config)) if images else None
-        return GenerationRequest(ids, embeds, params)
+        pixels = preprocess(images, self.image_config) if images else None
+        embeds = self.engine.encode_images(pixels) if images else None
+        return GenerationRequest(ids, embeds, params, [image_key(p) for p in pixels] if images else None)
 
     def chat(
         self,

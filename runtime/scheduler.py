@@ -14,7 +14,6 @@ both run under it. Not thread-safe: one thread calls add/abort/step (AsyncLLM ow
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 import uuid
@@ -28,7 +27,7 @@ from llava_rt.tokenizer import StreamingDetokenizer, TextProcessor
 
 from .engine import Engine, SequenceInput
 from .generate import check_prompt_fits
-from .kv_cache import CacheFullError
+from .kv_cache import CacheFullError, image_key
 from .sampling import Sampler, SamplingParams, all_greedy, next_token
 
 _seq_ids = itertools.count(1 << 20)  # apart from generate()'s ids, should both share an engine
@@ -48,7 +47,7 @@ class ImageInput:
 
     @classmethod
     def from_pixels(cls, pixels: np.ndarray) -> list["ImageInput"]:
-        return [cls(p, hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).hexdigest()) for p in pixels]
+        return [cls(p, image_key(p)) for p in pixels]
 
 
 @dataclass
@@ -127,7 +126,8 @@ class Scheduler:
         self.image_cache: OrderedDict[str, Any] = OrderedDict()
         self.block_size = engine.blocks.block_size
         self.num_blocks = engine.blocks.num_blocks
-        self.stats = {"steps": 0, "preemptions": 0, "aborted": 0, "images_encoded": 0, "image_cache_hits": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "aborted": 0, "images_encoded": 0, "image_cache_hits": 0,
+                      "prefix_cached_tokens": 0}
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -188,6 +188,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             r.seq_id, r.num_computed = next(_seq_ids), 0
+            if attach := getattr(self.engine, "attach_prefix", None):  # prefix caching: skip what is cached
+                r.num_computed = attach(r.seq_id, r.prompt_ids, [im.key for im in r.images])
+                self.stats["prefix_cached_tokens"] += r.num_computed
             self.running.append(r)
             admitted.append(r)
             free -= need
@@ -262,9 +265,11 @@ class Scheduler:
         while chunks:
             inputs = []
             for r, start, end in chunks:
-                before = sum(1 for t in r.prompt_ids[:start] if t == cfg.image_token_index) // cfg.image_seq_length
-                n = sum(1 for t in r.prompt_ids[start:end] if t == cfg.image_token_index) // cfg.image_seq_length
-                inputs.append(SequenceInput(r.seq_id, r.prompt_ids[start:end], r.embeds[before : before + n] if n else None))
+                # The images whose tokens this chunk holds; a cached prefix may end inside the first.
+                first = sum(1 for t in r.prompt_ids[:start] if t == cfg.image_token_index) // cfg.image_seq_length
+                last = -(-sum(1 for t in r.prompt_ids[:end] if t == cfg.image_token_index) // cfg.image_seq_length)
+                inputs.append(SequenceInput(r.seq_id, r.prompt_ids[start:end], r.embeds[first:last] if last > first else None,
+                                            [im.key for im in r.images[first:last]]))
             try:
                 logits = self.engine.prefill(inputs)
                 break

@@ -166,6 +166,8 @@ class Metrics:
         Gauge("llava_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(lambda: llm.num_waiting)
         Gauge("llava_running_requests", "Requests in the running batch", registry=r).set_function(lambda: llm.num_running)
         Gauge("llava_kv_cache_usage_ratio", "Share of KV-cache blocks in use", registry=r).set_function(lambda: llm.kv_usage)
+        Gauge("llava_prefix_cache_hit_tokens", "Prompt tokens found in the KV cache (prefix caching), since start",
+              registry=r).set_function(lambda: llm.scheduler.stats["prefix_cached_tokens"])
         self.ttft = Histogram("llava_time_to_first_token_seconds", "Arrival to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.tpot = Histogram("llava_time_per_output_token_seconds", "Decode time per token after the first",
@@ -362,6 +364,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests in the running batch at most")
     p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step (chunked prefill)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt whole (torch backend; by default a prompt that starts like an earlier one, "
+                        "the same image and text, reuses its cached KV blocks)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = AsyncLLM.load(args.model, backend=backend, device=args.device, dtype=args.dtype,
                             config=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens),
-                            max_queue=args.max_queue, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs)
+                            max_queue=args.max_queue, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                            **({"prefix_caching": not args.no_prefix_caching} if backend == "torch" else {}))
     except (ValueError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ from llava_rt.checkpoint import load_model
 from llava_rt.model import LlavaForConditionalGeneration, PagedKV, VisionFeatures, fuse_projections
 
 from .engine import SequenceInput
-from .kv_cache import BlockAllocator, CacheFullError
+from .kv_cache import BlockAllocator, CacheFullError, prefix_block_keys
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -74,6 +74,13 @@ class DeviceTokens:
         return self._host.numpy().copy()
 
 
+def _last_rows(embeds, n: int):
+    """The last n image-feature rows of these images as one [1, n, dim] batch (VisionFeatures kept)."""
+    if isinstance(embeds, VisionFeatures):
+        return VisionFeatures(_last_rows(embeds.features, n), embeds.use_kernels)
+    return embeds.reshape(1, -1, embeds.shape[-1])[:, -n:]
+
+
 class TorchEngine:
     backend = "torch"
 
@@ -85,6 +92,7 @@ class TorchEngine:
         max_num_seqs: int = 64,
         use_kernels: bool | None = None,
         static_decode: bool | None = None,
+        prefix_caching: bool = True,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -99,7 +107,7 @@ class TorchEngine:
         shape = (num_blocks, block_size, text.num_key_value_heads, text.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(text.num_hidden_layers)]
-        self.blocks = BlockAllocator(num_blocks, block_size)
+        self.blocks = BlockAllocator(num_blocks, block_size, prefix_caching)
         # generate() queues each greedy decode step before reading the last one's tokens
         # (decode_async), so the host's bookkeeping runs while the GPU works. On the CPU the ops are
         # synchronous anyway, and a step queued for a sequence that then stops would be wasted.
@@ -174,25 +182,83 @@ class TorchEngine:
             return VisionFeatures(self.model.vision_features(pixels))
         return self.model.encode_images(pixels)
 
+    def attach_prefix(self, seq_id: int, token_ids: list[int], image_keys: list[str]) -> int:
+        """Start a sequence on the cached blocks of its prompt (kv_cache.py, prefix caching); returns
+        how many of its tokens are in the cache, always fewer than all (the last one gives the logits)."""
+        keys = self._prefix_keys(token_ids, image_keys)
+        return self.blocks.attach_prefix(seq_id, keys, len(token_ids) - 1)
+
+    def reset_prefix_cache(self) -> None:
+        self.blocks.reset_prefix_cache()
+
+    def _prefix_keys(self, token_ids: list[int], image_keys: list[str]) -> list[bytes]:
+        cfg = self.config
+        return prefix_block_keys(token_ids, image_keys, cfg.image_token_index, cfg.image_seq_length,
+                                 self.blocks.block_size)
+
     def prefill(self, sequences: list[SequenceInput]) -> np.ndarray:
-        image_token = self.config.image_token_index
-        features = []
+        cfg, bs = self.config, self.blocks.block_size
         for s in sequences:
-            n_slots = sum(1 for t in s.token_ids if t == image_token)
-            n_images = 0 if s.image_embeds is None else len(s.image_embeds)
-            if n_slots != n_images * self.config.image_seq_length:
+            n_slots = sum(1 for t in s.token_ids if t == cfg.image_token_index)
+            n_rows = (0 if s.image_embeds is None else len(s.image_embeds)) * cfg.image_seq_length
+            # A call that starts inside an image (its first rows cached) passes that image whole.
+            surplus_ok = self.blocks.length(s.seq_id) > 0 and 0 <= n_rows - n_slots < cfg.image_seq_length
+            if n_slots != n_rows and not surplus_ok:
                 raise ValueError(
-                    f"sequence {s.seq_id}: {n_slots} image-token slots but {n_images} images "
-                    f"({self.config.image_seq_length} slots each)"
+                    f"sequence {s.seq_id}: {n_slots} image-token slots but {n_rows // cfg.image_seq_length} "
+                    f"images ({cfg.image_seq_length} slots each)"
                 )
-            if n_images:
-                features.append(s.image_embeds)
-        if features and isinstance(features[0], VisionFeatures):
-            image_features = VisionFeatures(torch.cat([f.features for f in features]))
-        else:
-            image_features = torch.cat(features) if features else None
-        logits = self._forward([s.seq_id for s in sequences], [s.token_ids for s in sequences], image_features)
-        return logits.float().cpu().numpy()
+            if s.image_keys is not None and len(s.image_keys) * cfg.image_seq_length != n_rows:
+                raise ValueError(f"sequence {s.seq_id}: {len(s.image_keys)} image keys for {n_rows // cfg.image_seq_length} images")
+        # New sequences whose images are known by content start on the cached blocks of their prompt.
+        # One whose next block another sequence of this call computes waits for it, in a second pass.
+        first, second, computing, skip = [], [], set(), {}
+        for s in sequences:
+            n_images = 0 if s.image_embeds is None else len(s.image_embeds)
+            if not self.blocks.prefix_caching or self.blocks.started(s.seq_id) or (n_images and s.image_keys is None):
+                first.append(s)
+                continue
+            keys = self._prefix_keys(s.token_ids, s.image_keys or [])
+            n, cap = self.blocks.cached_prefix(keys), min(len(keys), (len(s.token_ids) - 1) // bs)
+            if n < cap and keys[n] in computing:
+                second.append((s, keys))
+                continue
+            computing.update(keys[n:cap])
+            skip[s.seq_id] = self.blocks.attach_prefix(s.seq_id, keys, len(s.token_ids) - 1)
+            first.append(s)
+        logits = {}
+        try:
+            if first:
+                logits.update(self._prefill_pass(first, skip))
+            if second:  # on the blocks the first pass cached
+                for s, keys in second:
+                    skip[s.seq_id] = self.blocks.attach_prefix(s.seq_id, keys, len(s.token_ids) - 1)
+                logits.update(self._prefill_pass([s for s, _ in second], skip))
+        except BaseException:
+            for seq_id in skip:  # a failed call leaves the sequences it started unstarted
+                self.blocks.release(seq_id)
+            raise
+        return np.stack([logits[s.seq_id] for s in sequences])
+
+    def _prefill_pass(self, sequences: list[SequenceInput], skip: dict[int, int]) -> dict[int, np.ndarray]:
+        """One forward over each sequence's tokens past the `skip` it found cached, with the image
+        rows those take (the last rows of its images); then its full prompt blocks are cached."""
+        image_token = self.config.image_token_index
+        token_lists, rows = [], []
+        for s in sequences:
+            ids = s.token_ids[skip.get(s.seq_id, 0):]
+            token_lists.append(ids)
+            if n := sum(1 for t in ids if t == image_token):
+                rows.append(_last_rows(s.image_embeds, n))
+        image_features = None
+        if rows and isinstance(rows[0], VisionFeatures):
+            image_features = VisionFeatures(torch.cat([r.features for r in rows], dim=1), rows[0].use_kernels)
+        elif rows:
+            image_features = torch.cat(rows, dim=1)
+        logits = self._forward([s.seq_id for s in sequences], token_lists, image_features).float().cpu().numpy()
+        for s in sequences:
+            self.blocks.commit(s.seq_id)
+        return {s.seq_id: row for s, row in zip(sequences, logits)}
 
     def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray:
         out = self._forward(seq_ids, [[t] for t in tokens], None, greedy_only)

@@ -8,9 +8,9 @@ from llava_rt.checkpoint import load_model
 from llava_rt.model import DenseKV
 from llava_rt.runtime.engine import SequenceInput, load_engine
 from llava_rt.runtime.generate import GenerationRequest, generate
-from llava_rt.runtime.kv_cache import BlockAllocator, CacheFullError
+from llava_rt.runtime.kv_cache import BlockAllocator, CacheFullError, image_key, prefix_block_keys
 from llava_rt.runtime.sampling import SamplingParams
-from tiny import make_checkpoint, tiny_config
+from tiny import make_checkpoint, shared_image_requests, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,85 @@ def test_block_allocator():
     assert blocks.length(2) == 4 and blocks.num_free_blocks == 2
     blocks.release(1), blocks.release(2)
     assert blocks.num_free_blocks == 5 and not blocks.tables
+
+
+def test_prefix_caching_gives_the_uncached_answers(ckpt):
+    """Prompts that share an image with concurrent or earlier ones start on its cached KV blocks: the
+    logits and tokens are those of an engine without prefix caching, whether the sharers come in one
+    batch (the followers wait for a second pass over the blocks the first computed) or one after
+    another, and every block comes back."""
+    cached, plain = load_engine(ckpt, block_size=4), load_engine(ckpt, block_size=4, prefix_caching=False)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(7)).numpy()
+    keys = [image_key(p) for p in pixels]
+    want = [o.token_ids for o in generate(plain, shared_image_requests(plain, pixels, keys), set())]
+    assert plain.blocks.stats["prefix_hit_tokens"] == 0 and plain.blocks.num_cached_blocks == 0
+    got = [o.token_ids for o in generate(cached, shared_image_requests(cached, pixels, keys), set())]
+    assert got == want
+    shared = (3 + cached.config.image_seq_length) // 4 * 4  # the whole blocks of prefix + image
+    assert cached.blocks.stats["prefix_hit_tokens"] >= 4 * shared  # the four followers
+    reqs = shared_image_requests(cached, pixels, keys)[::-1]
+    assert [o.token_ids for o in generate(cached, reqs, set())] == want[::-1]
+    assert cached.blocks.stats["prefix_hit_tokens"] >= 10 * shared
+    assert cached.num_free_blocks == cached.blocks.num_blocks
+    # The logits of a prompt on a cached prefix, against a computed one.
+    r = reqs[0]
+    seqs = lambda: [SequenceInput(99, r.prompt_ids, r.image_embeds, r.image_keys)]  # noqa: E731
+    hit_before = cached.blocks.stats["prefix_hit_tokens"]
+    np.testing.assert_allclose(cached.prefill(seqs()), plain.prefill(seqs()), rtol=1e-4, atol=1e-5)
+    assert cached.blocks.stats["prefix_hit_tokens"] > hit_before
+    cached.release(99), plain.release(99)
+    # Another image in the same place shares only the blocks before it.
+    other = shared_image_requests(cached, pixels[::-1].copy(), [image_key(pixels[1]), "not-an-image-seen"])
+    hit_before = cached.blocks.stats["prefix_hit_tokens"]
+    generate(cached, other[1:2], set())
+    assert cached.blocks.stats["prefix_hit_tokens"] - hit_before == 0  # the first block holds image rows
+
+
+def test_prefix_block_keys():
+    image, L = 50, 6
+    ids = [1, 2] + [image] * L + [7, 8, 9, 10, 11]  # 13 tokens: 3 whole blocks of 4
+    a = prefix_block_keys(ids, ["A"], image, L, 4)
+    assert len(a) == 3 and len(set(a)) == 3
+    assert prefix_block_keys(ids, ["A"], image, L, 4) == a
+    b = prefix_block_keys(ids, ["B"], image, L, 4)  # another image: every block holds image rows or follows them
+    assert all(x != y for x, y in zip(a, b))
+    c = prefix_block_keys(ids[:-1] + [12], ["A"], image, L, 4)  # the last token is past the whole blocks
+    assert c == a
+    d = prefix_block_keys(ids[:9] + [99] + ids[10:], ["A"], image, L, 4)  # a change in block 2 keeps 0 and 1
+    assert d[:2] == a[:2] and d[2] != a[2]
+    text = prefix_block_keys([1, 2, 3, 4, 5, 6, 7, 8], [], image, L, 4)
+    assert len(text) == 2 and prefix_block_keys([1, 2, 3, 4, 9, 9, 9, 9], [], image, L, 4)[0] == text[0]
+
+
+def test_block_allocator_prefix_cache():
+    """Shared blocks are held until their last sequence lets go; idle cached blocks count as free and
+    are evicted least recently used first, the end of a released prompt before its start."""
+    a = BlockAllocator(num_blocks=6, block_size=4, prefix_caching=True)
+    keys = [b"k0", b"k1", b"k2"]
+    assert a.attach_prefix(1, keys, 11) == 0
+    a.append(1, 11)
+    a.commit(1)  # two whole blocks computed
+    assert a.num_cached_blocks == 2 and a.cached_prefix(keys) == 2
+    assert a.attach_prefix(2, keys, 11) == 8 and a.length(2) == 8
+    assert a.tables[2] == a.tables[1][:2]
+    with pytest.raises(ValueError, match="started"):
+        a.attach_prefix(2, keys, 11)
+    a.append(2, 3)
+    assert a.num_free_blocks == 2  # 3 blocks of sequence 1, the third of sequence 2
+    a.release(1)
+    assert a.num_free_blocks == 3 and a.cached_prefix(keys) == 2
+    a.release(2)
+    assert a.num_free_blocks == 6 and a.num_cached_blocks == 2
+    assert a.attach_prefix(3, [], 0) == 0
+    a.append(3, 16)  # the four uncached blocks go first
+    assert a.num_cached_blocks == 2
+    a.append(3, 4)  # then the least recently used cached one: the end of the released prompt
+    assert a.num_cached_blocks == 1 and a.cached_prefix(keys) == 1
+    with pytest.raises(CacheFullError):
+        a.append(3, 8)
+    a.truncate(3, 4)
+    a.release(3)
+    a.reset_prefix_cache()
+    assert a.num_free_blocks == 6 and a.num_cached_blocks == 0
+    off = BlockAllocator(num_blocks=2, block_size=4)  # without prefix caching nothing is shared
+    assert off.attach_prefix(1, keys, 11) == 0 and not off.started(1)

@@ -27,9 +27,10 @@ from llava_rt.model import (  # noqa: E402
 )
 from llava_rt.runtime.engine import SequenceInput  # noqa: E402
 from llava_rt.runtime.generate import GenerationRequest, generate  # noqa: E402
+from llava_rt.runtime.kv_cache import image_key  # noqa: E402
 from llava_rt.runtime.sampling import SamplingParams  # noqa: E402
 from llava_rt.runtime.torch_engine import TorchEngine  # noqa: E402
-from tiny import tiny_config  # noqa: E402
+from tiny import shared_image_requests, tiny_config  # noqa: E402
 
 
 
@@ -240,6 +241,24 @@ def test_prefill_graphs_and_greedy_decode_match_torch_path(tiny_model):
             engine.blocks.truncate(s, engine.seq_len(s) - 1)
         assert engine.decode([0, 1], [3, 4], greedy_only=True).tolist() == logits.argmax(-1).tolist()
         engine.release(0), engine.release(1)
+
+
+def test_prefix_caching_on_the_kernel_path(tiny_model):
+    """Prompts that share an image, in one batch (the followers prefill on the leaders' cached blocks
+    through the chunked-prefill kernel, and the fused projector writes only their images' last rows)
+    and again one after another, through the static decode buffers (CUDA graphs on CUDA): the
+    tokens of the torch path without prefix caching."""
+    plain = TorchEngine(tiny_model, block_size=4, use_kernels=False, kv_cache_bytes=1 << 20, prefix_caching=False)
+    static = TorchEngine(tiny_model, block_size=4, use_kernels=True, static_decode=True, max_num_seqs=8,
+                         kv_cache_bytes=1 << 20)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(8)).numpy()
+    keys = [image_key(p) for p in pixels]
+    want = [o.token_ids for o in generate(plain, shared_image_requests(plain, pixels, keys), set())]
+    for order in (slice(None), slice(None, None, -1)):
+        got = [o.token_ids for o in generate(static, shared_image_requests(static, pixels, keys)[order], set())]
+        assert got == want[order]
+    assert static.blocks.stats["prefix_hit_tokens"] >= 10 * ((3 + tiny_model.config.image_seq_length) // 4 * 4)
+    assert static.num_free_blocks == static.blocks.num_blocks
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")

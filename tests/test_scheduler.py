@@ -8,10 +8,10 @@ from PIL import Image
 
 from llava_rt import LLM
 from llava_rt.random_checkpoint import make_random_checkpoint
-from llava_rt.runtime.llm import prompt_messages
+from llava_rt.runtime.llm import make_request, prompt_messages
 from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
-from llava_rt.runtime.scheduler import SchedulerConfig, chunk_end
+from llava_rt.runtime.scheduler import Request, SchedulerConfig, chunk_end
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -88,6 +88,38 @@ def test_preemption_same_answers(model_dir, reference):
     out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
     assert llm.scheduler.stats["preemptions"] > 0
     assert [o.token_ids for o in out] == reference
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_caching_same_answers(model_dir, reference):
+    """The same prompts again, once the first run has cached their blocks: each request starts on
+    its image's cached prefix (attached at admission; the first chunk may start inside an image)
+    and the answers are the uncached ones, in big and small chunks, without prefix caching too."""
+    for chunk in (512, 7):
+        llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=chunk), block_size=4)
+        first = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+        again = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+        assert [o.token_ids for o in first] == [o.token_ids for o in again] == reference
+        image_tokens = llm.pipeline.engine.config.image_seq_length
+        assert llm.scheduler.stats["prefix_cached_tokens"] >= 10 * image_tokens
+        assert_all_blocks_free(llm)
+    plain = LLM(model_dir, prefix_caching=False)
+    assert [o.token_ids for o in plain.generate(mixed_prompts(), params_for(10), use_tqdm=False)] == reference
+    assert plain.scheduler.stats["prefix_cached_tokens"] == 0
+    # A prompt that leaves the cached one right after its image: its cached prefix ends inside the
+    # image (whole blocks only), so its first chunk starts on the image's last rows.
+    first = make_request(llm.pipeline, *prompt_messages({"prompt": "Hi", "image": mixed_prompts()[0]["image"]}),
+                         SamplingParams(max_new_tokens=5))
+    ids = first.prompt_ids
+    image_end = max(i for i, t in enumerate(ids) if t == llm.pipeline.engine.config.image_token_index) + 1
+    assert image_end % 4, "the test needs an image that ends inside a block"
+    llm.run([first], use_tqdm=False)
+    before = llm.scheduler.stats["prefix_cached_tokens"]
+    branch = lambda pipe: Request(ids[:image_end] + [(ids[image_end] + 1) % 300] + ids[image_end + 1 :],  # noqa: E731
+                                  first.images, SamplingParams(max_new_tokens=5))
+    got = llm.run([branch(llm.pipeline)], use_tqdm=False)[0].token_ids
+    assert llm.scheduler.stats["prefix_cached_tokens"] - before == image_end // 4 * 4
+    assert got == plain.run([branch(plain.pipeline)], use_tqdm=False)[0].token_ids
     assert_all_blocks_free(llm)
 
 

@@ -220,11 +220,15 @@ def test_client_disconnect_cancels(server, monkeypatch):
 
 def test_metrics(server):
     llm, url = server
-    httpx.post(url + "/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 3}, timeout=60)
+    hits = llm.scheduler.stats["prefix_cached_tokens"]
+    for _ in range(2):  # the second starts on the first one's cached prompt blocks
+        httpx.post(url + "/v1/chat/completions", json={"messages": user("Hello, metrics"), "max_tokens": 3}, timeout=60)
     text = httpx.get(url + "/metrics").text
     for name in ("llava_queue_depth", "llava_running_requests", "llava_kv_cache_usage_ratio",
                  "llava_time_to_first_token_seconds_bucket", "llava_time_per_output_token_seconds_bucket"):
         assert name in text
+    cached = [line for line in text.splitlines() if line.startswith("llava_prefix_cache_hit_tokens ")]
+    assert float(cached[0].split()[-1]) >= hits + llm.scheduler.block_size
     count = [line for line in text.splitlines() if line.startswith("llava_time_to_first_token_seconds_count")]
     assert float(count[0].split()[-1]) >= 1
 

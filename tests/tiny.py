@@ -49,3 +49,19 @@ def make_checkpoint(out_dir: Path, config: LlavaConfig, seed: int = 0, std: floa
     model = LlavaForConditionalGeneration(config)
     init_weights(model, seed=seed, std=std)
     return save_checkpoint(model, out_dir)
+
+
+def shared_image_requests(engine, pixels, keys):
+    """Six prompts on two images: a 3-token system prefix, the image, then different questions."""
+    import torch
+
+    from llava_rt.runtime.generate import GenerationRequest
+    from llava_rt.runtime.sampling import SamplingParams
+
+    cfg, emb = engine.config, engine.encode_images(pixels)
+    reqs = []
+    for i, n_text in enumerate([5, 9, 2, 14, 7, 3]):
+        text = torch.randint(3, 290, (n_text,), generator=torch.Generator().manual_seed(i)).tolist()
+        ids = [1, 5, 9] + [cfg.image_token_index] * cfg.image_seq_length + text
+        reqs.append(GenerationRequest(ids, emb[i % 2 : i % 2 + 1], SamplingParams(max_new_tokens=5), [keys[i % 2]]))
+    return reqs
