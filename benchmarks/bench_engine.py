@@ -7,6 +7,10 @@ Both sides get the same token ids (1 image + --text-tokens text tokens) and pixe
 EOS ignored so every run makes exactly --new-tokens tokens. TTFT = image encoding + prefill +
 the first token; decode tokens/s = (new_tokens - 1) / (total - TTFT), per sequence. Both come from
 one generation (ours: the first token's callback; transformers: a streamer's first new token).
+
+Then a new question about an image an earlier prompt asked about (a chat's next turn, or another
+user on the same picture): our prefill of it with that prompt's blocks cached (prefix caching: the
+BOS and image rows are not computed again) against prefill with prefix caching off, in one run.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 from llava_rt.benchmarks.common import median, print_table, write_json
 from llava_rt.config import LlavaConfig
 from llava_rt.random_checkpoint import make_random_checkpoint
+from llava_rt.runtime.engine import SequenceInput
 from llava_rt.runtime.generate import GenerationRequest, generate
+from llava_rt.runtime.kv_cache import image_key
 from llava_rt.runtime.sampling import SamplingParams
 from llava_rt.runtime.torch_engine import TorchEngine
 
@@ -47,6 +53,37 @@ def time_ours(engine: TorchEngine, ids, pixels, new_tokens: int) -> tuple[float,
     total = time.perf_counter() - start
     assert all(len(o.token_ids) == new_tokens for o in outs)
     return first[0] - start, total
+
+
+def time_follow_up(engine: TorchEngine, cfg: LlavaConfig, text_tokens: int, repeats: int) -> dict:
+    """Prefill of a new question on an image whose earlier prompt is cached, with prefix caching on and off."""
+    (first, second), pixels = make_inputs(cfg, 2, text_tokens, seed=7)
+    second = first[: 1 + cfg.image_seq_length] + second[1 + cfg.image_seq_length :]  # the same image, other text
+    embeds, key = engine.encode_images(pixels[:1]), [image_key(pixels[0])]
+
+    def prefill(ids, seq_id):
+        t0 = time.perf_counter()
+        engine.prefill([SequenceInput(seq_id, ids, embeds, key)])
+        return time.perf_counter() - t0
+
+    times, hits = {}, engine.blocks.stats["prefix_hit_tokens"]
+    for caching in (True, False):
+        engine.blocks.prefix_caching = caching
+        runs = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            engine.reset_prefix_cache()
+            prefill(first, 0)
+            engine.release(0)
+            if caching:
+                hits = engine.blocks.stats["prefix_hit_tokens"]
+            runs.append(prefill(second, 1))
+            engine.release(1)
+        if caching:
+            hits = engine.blocks.stats["prefix_hit_tokens"] - hits
+        times[caching] = median(runs[1:])
+    engine.blocks.prefix_caching = True
+    return {"prompt_tokens": len(second), "cached_tokens": hits, "prefill_ms_prefix_cached": round(times[True] * 1e3, 1),
+            "prefill_ms_no_prefix_caching": round(times[False] * 1e3, 1)}
 
 
 class _FirstTokenClock:
@@ -116,13 +153,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     "decode_ms_per_step": round(decode_s / (args.new_tokens - 1) * 1e3, 2),
                     "decode_tok_s_per_seq": round(per_seq, 1), "decode_tok_s_total": round(per_seq * batch, 1),
                 })
+        follow_up = time_follow_up(engine, cfg, args.text_tokens, args.repeats)
         print(f"preset={args.preset} text_tokens={args.text_tokens} image_tokens={cfg.image_seq_length} "
               f"new_tokens={args.new_tokens} repeats={args.repeats} (medians)")
         print_table(rows, ["engine", "batch", "ttft_ms", "decode_ms_per_step", "decode_tok_s_per_seq", "decode_tok_s_total"])
+        print(f"a new question on a seen image ({follow_up['prompt_tokens']} tokens, {follow_up['cached_tokens']} "
+              f"cached): prefill {follow_up['prefill_ms_prefix_cached']} ms with prefix caching, "
+              f"{follow_up['prefill_ms_no_prefix_caching']} ms without")
         path = write_json("engine-cpu", {
             "preset": args.preset if args.model is None else str(args.model), "text_tokens": args.text_tokens,
             "image_tokens": cfg.image_seq_length, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "dtype": "float32", "rows": rows,
+            "dtype": "float32", "rows": rows, "follow_up": follow_up,
         }, args.out)
         print(f"wrote {path}")
 

@@ -6,8 +6,8 @@
                                     greedy_only=True the argmax tokens [B] instead (on a GPU only
                                     the token ids then cross to the host)
     release(seq_id)              -> frees the sequence's KV blocks
-    attach_prefix(seq_id, ids, image_keys) -> tokens of the prompt already in the KV cache
-                                    (optional: the torch engine's prefix caching)
+    prefix_keys(ids, image_keys) -> the prompt's prefix-cache keys, for blocks.attach_prefix
+                                    (optional: the torch engine's prefix caching, kv_cache.py)
 
 Scheduling, sampling, detokenization, the CLI and the server sit above this and never learn
 which backend runs. Logits come back as numpy float32 so every backend shares the sampler.

@@ -129,6 +129,12 @@ class BlockAllocator:
             n += 1
         return n
 
+    def uncached(self, keys: list[bytes], n_tokens: int) -> list[bytes]:
+        """The keys of the whole blocks of an n_tokens prompt that attach_prefix would not find
+        cached (blocks past the last token's are left out: that token is always computed)."""
+        cap = min(len(keys), (n_tokens - 1) // self.block_size)
+        return keys[min(self.cached_prefix(keys), cap) : cap]
+
     def attach_prefix(self, seq_id: int, keys: list[bytes], max_tokens: int) -> int:
         """Start a new sequence on the cached blocks of its prompt's leading keys, at most
         max_tokens tokens of them; returns the tokens it now has. Its own blocks are cached as

@@ -7,6 +7,8 @@ cache has blocks for their prompt; when decode runs out of blocks anyway, the ne
 preempted: its blocks are freed and it is recomputed later (prompt by prefill, the tokens it
 already generated replayed one per decode step, so the replay computes what the first pass did).
 Images of the requests admitted in a step are encoded in one call and cached by content hash.
+With prefix caching (the torch engine), a request starts on the cached KV blocks of its prompt's
+start, and one whose next block an admitted request is still computing waits for it.
 
 Only the engine interface is used (runtime/engine.py), so the torch and onnxruntime engines
 both run under it. Not thread-safe: one thread calls add/abort/step (AsyncLLM owns that thread).
@@ -86,6 +88,7 @@ class Request:
     sampler: Sampler | None = None
     detok: StreamingDetokenizer | None = None
     num_preemptions: int = 0
+    prefix_todo: list = field(default_factory=list)  # prefix-cache keys of the prompt blocks it computes
 
     @property
     def in_prompt(self) -> bool:
@@ -180,16 +183,27 @@ class Scheduler:
         # headroom per running request, are spoken for.
         promised = sum(self._blocks(len(r.prompt_ids)) - self._blocks(r.num_computed) for r in self.running if r.in_prompt)
         free = self.engine.num_free_blocks - promised - len(self.running)
+        blocks = self.engine.blocks
+        caching = hasattr(self.engine, "prefix_keys") and blocks.prefix_caching
+        # Prefix caching: a request starts on the cached blocks of its prompt. One whose next block a
+        # request still reading its prompt is computing waits for it (a step or two) instead.
+        computing = {k for r in self.running if r.in_prompt for k in r.prefix_todo}
         admitted = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             r = self.waiting[0]
             need = self._blocks(len(r.prompt_ids) + 1)
             if need > free and self.running:
                 break
+            if caching:
+                keys = self.engine.prefix_keys(r.prompt_ids, [im.key for im in r.images])
+                todo = blocks.uncached(keys, len(r.prompt_ids))
+                if todo and todo[0] in computing:
+                    break
             self.waiting.popleft()
             r.seq_id, r.num_computed = next(_seq_ids), 0
-            if attach := getattr(self.engine, "attach_prefix", None):  # prefix caching: skip what is cached
-                r.num_computed = attach(r.seq_id, r.prompt_ids, [im.key for im in r.images])
+            if caching:
+                r.num_computed, r.prefix_todo = blocks.attach_prefix(r.seq_id, keys, len(r.prompt_ids) - 1), todo
+                computing.update(todo)
                 self.stats["prefix_cached_tokens"] += r.num_computed
             self.running.append(r)
             admitted.append(r)

@@ -182,22 +182,17 @@ class TorchEngine:
             return VisionFeatures(self.model.vision_features(pixels))
         return self.model.encode_images(pixels)
 
-    def attach_prefix(self, seq_id: int, token_ids: list[int], image_keys: list[str]) -> int:
-        """Start a sequence on the cached blocks of its prompt (kv_cache.py, prefix caching); returns
-        how many of its tokens are in the cache, always fewer than all (the last one gives the logits)."""
-        keys = self._prefix_keys(token_ids, image_keys)
-        return self.blocks.attach_prefix(seq_id, keys, len(token_ids) - 1)
-
     def reset_prefix_cache(self) -> None:
         self.blocks.reset_prefix_cache()
 
-    def _prefix_keys(self, token_ids: list[int], image_keys: list[str]) -> list[bytes]:
+    def prefix_keys(self, token_ids: list[int], image_keys: list[str]) -> list[bytes]:
+        """The prefix-cache keys of a prompt's whole blocks (kv_cache.prefix_block_keys)."""
         cfg = self.config
         return prefix_block_keys(token_ids, image_keys, cfg.image_token_index, cfg.image_seq_length,
                                  self.blocks.block_size)
 
     def prefill(self, sequences: list[SequenceInput]) -> np.ndarray:
-        cfg, bs = self.config, self.blocks.block_size
+        cfg = self.config
         for s in sequences:
             n_slots = sum(1 for t in s.token_ids if t == cfg.image_token_index)
             n_rows = (0 if s.image_embeds is None else len(s.image_embeds)) * cfg.image_seq_length
@@ -218,12 +213,12 @@ class TorchEngine:
             if not self.blocks.prefix_caching or self.blocks.started(s.seq_id) or (n_images and s.image_keys is None):
                 first.append(s)
                 continue
-            keys = self._prefix_keys(s.token_ids, s.image_keys or [])
-            n, cap = self.blocks.cached_prefix(keys), min(len(keys), (len(s.token_ids) - 1) // bs)
-            if n < cap and keys[n] in computing:
+            keys = self.prefix_keys(s.token_ids, s.image_keys or [])
+            todo = self.blocks.uncached(keys, len(s.token_ids))
+            if todo and todo[0] in computing:
                 second.append((s, keys))
                 continue
-            computing.update(keys[n:cap])
+            computing.update(todo)
             skip[s.seq_id] = self.blocks.attach_prefix(s.seq_id, keys, len(s.token_ids) - 1)
             first.append(s)
         logits = {}

@@ -92,17 +92,22 @@ def test_preemption_same_answers(model_dir, reference):
 
 
 def test_prefix_caching_same_answers(model_dir, reference):
-    """The same prompts again, once the first run has cached their blocks: each request starts on
-    its image's cached prefix (attached at admission; the first chunk may start inside an image)
-    and the answers are the uncached ones, in big and small chunks, without prefix caching too."""
+    """Requests start on their images' cached blocks (attached at admission; the first chunk may
+    start inside an image): in one run, where a request whose image another one is computing waits
+    for it, and again once the first run has cached every prompt. The answers are the uncached
+    ones, in big and small chunks, and without prefix caching too."""
     for chunk in (512, 7):
         llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=chunk), block_size=4)
         first = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+        first_hits = llm.scheduler.stats["prefix_cached_tokens"]
         again = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
         assert [o.token_ids for o in first] == [o.token_ids for o in again] == reference
         image_tokens = llm.pipeline.engine.config.image_seq_length
         assert llm.scheduler.stats["prefix_cached_tokens"] >= 10 * image_tokens
         assert_all_blocks_free(llm)
+        # The first run shared too: a request whose image an admitted request was computing waited
+        # for it, then started on it (7 image prompts, 3 images).
+        assert first_hits >= 4 * image_tokens
     plain = LLM(model_dir, prefix_caching=False)
     assert [o.token_ids for o in plain.generate(mixed_prompts(), params_for(10), use_tqdm=False)] == reference
     assert plain.scheduler.stats["prefix_cached_tokens"] == 0
