@@ -80,13 +80,18 @@ def test_chunked_prefill_same_answers(model_dir, reference):
     assert_all_blocks_free(llm)
 
 
-def test_preemption_same_answers(model_dir, reference):
-    # 24 blocks of 4 tokens: each prompt fits alone (<= ~60 tokens) but far from all of them at once.
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_same_answers(model_dir, reference, prefix_caching):
+    # 24 blocks of 4 tokens: each prompt fits alone (<= ~80 tokens) but far from all of them at once.
+    # With prefix caching the prompts share their images' blocks and fit without preemption; the
+    # answers must still be the same.
     block_bytes = 2 * 2 * 4 * 2 * 32 * 4  # K and V, 2 layers, 4 tokens, 2 kv heads, head dim 32, fp32
-    llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=16), block_size=4, kv_cache_bytes=24 * block_bytes)
+    llm = LLM(model_dir, scheduler=SchedulerConfig(max_prefill_tokens=16), block_size=4, kv_cache_bytes=24 * block_bytes,
+              prefix_caching=prefix_caching)
     assert llm.pipeline.engine.blocks.num_blocks == 24
     out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
-    assert llm.scheduler.stats["preemptions"] > 0
+    assert (llm.scheduler.stats["preemptions"] > 0) != prefix_caching
+    assert (llm.scheduler.stats["prefix_cached_tokens"] > 0) == prefix_caching
     assert [o.token_ids for o in out] == reference
     assert_all_blocks_free(llm)
 
