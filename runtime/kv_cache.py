@@ -65,7 +65,7 @@ class BlockAllocator:
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
         self._keys: dict[int, list[bytes]] = {}  # seq -> prefix keys of its prompt's full blocks
         self._committed: dict[int, int] = {}  # seq -> how many of those are in the cache
-        self.stats = {"prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
+        self.stats = {"prefix_hit_tokens": 0}
 
     @property
     def num_free_blocks(self) -> int:
@@ -153,7 +153,6 @@ class BlockAllocator:
             table.append(block)
         self.lengths[seq_id] = n * self.block_size
         self._keys[seq_id], self._committed[seq_id] = keys, n
-        self.stats["prefix_queried_tokens"] += min(len(keys) * self.block_size, max_tokens)
         self.stats["prefix_hit_tokens"] += n * self.block_size
         return n * self.block_size
 

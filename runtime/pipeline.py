@@ -69,7 +69,9 @@ class Pipeline:
         ids = self.prompt_ids(messages, len(images))
         pixels = preprocess(images, self.image_config) if images else None
         embeds = self.engine.encode_images(pixels) if images else None
-        return GenerationRequest(ids, embeds, params, [image_key(p) for p in pixels] if images else None)
+        # Content keys only for an engine that caches prefixes: hashing the pixels costs a little per image.
+        caching = images and hasattr(self.engine, "prefix_keys") and self.engine.blocks.prefix_caching
+        return GenerationRequest(ids, embeds, params, [image_key(p) for p in pixels] if caching else None)
 
     def chat(
         self,
