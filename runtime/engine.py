@@ -5,7 +5,9 @@
     decode(seq_ids, tokens)      -> logits [B, vocab] for one new token per sequence; with
                                     greedy_only=True the argmax tokens [B] instead (on a GPU only
                                     the token ids then cross to the host)
-    release(seq_id)              -> frees the sequence's KV blocks
+    release(seq_id, ids, keys)   -> frees the sequence's KV blocks; given its ids (prompt and
+                                    output) and image keys, an engine that caches prefixes keeps
+                                    its full blocks cached first (a chat's next turn repeats them)
     prefix_keys(ids, image_keys) -> the prompt's prefix-cache keys, for blocks.attach_prefix
                                     (optional: the torch engine's prefix caching, kv_cache.py)
 
@@ -45,7 +47,7 @@ class Engine(Protocol):
 
     def decode(self, seq_ids: list[int], tokens: list[int], greedy_only: bool = False) -> np.ndarray: ...
 
-    def release(self, seq_id: int) -> None: ...
+    def release(self, seq_id: int, token_ids: list[int] | None = None, image_keys: list[str] | None = None) -> None: ...
 
     def seq_len(self, seq_id: int) -> int: ...
 

@@ -81,7 +81,8 @@ def generate(
                 reasons[i] = "length"
         if reasons[i] is not None:
             ends[i] = now - start
-            engine.release(seq_ids[i])
+            r = requests[i]
+            engine.release(seq_ids[i], r.prompt_ids + tokens[i], r.image_keys)  # keeps its blocks cached
 
     try:
         logits = engine.prefill(

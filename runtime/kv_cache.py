@@ -8,7 +8,9 @@ table[p // block_size] at offset p % block_size, i.e. flat slot block * block_si
 Prefix caching (vLLM's automatic prefix caching, at block granularity): a full block of prompt
 tokens, once computed, is kept under a key that hashes every token up to its end, images by
 their content hash. A later prompt that starts the same way (the same image and system prompt,
-an earlier turn of the same chat) takes those blocks instead of computing them. Blocks are
+an earlier turn of the same chat) takes those blocks instead of computing them. A finished
+sequence leaves its answer's full blocks cached too (the engine's release with its ids), so a
+chat's next turn, which repeats the earlier exchange, starts past the last answer. Blocks are
 shared read-only: a sequence only ever writes past its cached prefix, into blocks of its own. A
 cached block no sequence holds stays until its room is needed (least recently used first), so
 it counts as free.
@@ -157,7 +159,7 @@ class BlockAllocator:
         return n * self.block_size
 
     def commit(self, seq_id: int) -> None:
-        """Cache the sequence's prompt blocks that are full and computed by now (after a forward)."""
+        """Cache the sequence's keyed blocks that are full and computed by now (after a forward)."""
         keys = self._keys.get(seq_id)
         if keys is None:
             return
@@ -167,6 +169,15 @@ class BlockAllocator:
             if keys[j] not in self._cached and table[j] not in self._key_of:
                 self._cached[keys[j]], self._key_of[table[j]] = table[j], keys[j]
         self._committed[seq_id] = max(self._committed[seq_id], done)
+
+    def cache_blocks(self, seq_id: int, keys: list[bytes]) -> None:
+        """Cache the sequence's full computed blocks under these keys (its whole ids so far: a
+        finished answer's blocks too, for a chat's next turn, which repeats it)."""
+        if not self.prefix_caching or seq_id not in self.tables:
+            return
+        self._keys[seq_id] = keys
+        self._committed.setdefault(seq_id, 0)
+        self.commit(seq_id)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block no sequence holds (benchmarks: a cold start)."""

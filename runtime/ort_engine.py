@@ -143,7 +143,8 @@ class OrtEngine:
     def seq_len(self, seq_id: int) -> int:
         return self.blocks.length(seq_id)
 
-    def release(self, seq_id: int) -> None:
+    def release(self, seq_id: int, token_ids: list[int] | None = None, image_keys: list[str] | None = None) -> None:
+        """Free the sequence's cache (this engine caches no prefixes, so the ids are not needed)."""
         self.blocks.release(seq_id)
         self.caches.pop(seq_id, None)
 

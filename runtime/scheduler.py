@@ -347,7 +347,10 @@ class Scheduler:
         if r.finish_reason is not None:
             return
         if r in self.running:
-            self.engine.release(r.seq_id)
+            if reason in ("stop", "length"):  # the answer's blocks stay cached for the chat's next turn
+                self.engine.release(r.seq_id, r.prompt_ids + r.output_ids, [im.key for im in r.images])
+            else:
+                self.engine.release(r.seq_id)
             self.running.remove(r)
         elif r in self.waiting:
             self.waiting.remove(r)

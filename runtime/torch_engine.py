@@ -169,7 +169,13 @@ class TorchEngine:
     def seq_len(self, seq_id: int) -> int:
         return self.blocks.length(seq_id)
 
-    def release(self, seq_id: int) -> None:
+    def release(self, seq_id: int, token_ids: list[int] | None = None, image_keys: list[str] | None = None) -> None:
+        """Free the sequence's blocks. Given its ids (prompt and output) and its images' keys, its full
+        blocks, the answer's too, stay cached first: a chat's next turn repeats them."""
+        if token_ids is not None and self.blocks.prefix_caching and self.blocks.started(seq_id):
+            ids = token_ids[: self.blocks.length(seq_id)]  # those in the cache (the last sampled token is not)
+            if image_keys is not None or self.config.image_token_index not in ids:
+                self.blocks.cache_blocks(seq_id, self.prefix_keys(ids, image_keys or []))
         self.blocks.release(seq_id)
 
     @torch.inference_mode()

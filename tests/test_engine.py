@@ -251,6 +251,35 @@ def test_prefix_caching_gives_the_uncached_answers(ckpt):
     assert cached.blocks.stats["prefix_hit_tokens"] - hit_before == 0  # the first block holds image rows
 
 
+def test_next_turn_starts_past_the_answer(ckpt):
+    """A finished answer's full blocks stay cached: a chat's next turn (the first turn, its answer, a new
+    question) starts on them and gives the tokens and logits of an engine without prefix caching. Without
+    the image keys nothing is kept."""
+    cached, plain = load_engine(ckpt, block_size=4), load_engine(ckpt, block_size=4, prefix_caching=False)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3)).numpy()
+    keys = [image_key(pixels[0])]
+    first = shared_image_requests(cached, np.concatenate([pixels, pixels]), keys * 2)[0]
+    first.params = SamplingParams(max_new_tokens=11, ignore_eos=True)
+    answer = generate(cached, [first], set())[0].token_ids
+    assert answer == generate(plain, [first], set())[0].token_ids
+    assert cached.config.image_token_index not in answer  # random weights may write it; these do not
+    kept = (len(first.prompt_ids) + len(answer) - 1) // 4  # the last token was never fed
+    assert cached.blocks.num_cached_blocks == kept and kept * 4 > len(first.prompt_ids) + 4
+    turn = first.prompt_ids + answer + [2, 7, 33, 41, 5]
+    nxt = GenerationRequest(turn, first.image_embeds, SamplingParams(max_new_tokens=4), keys)
+    hit_before = cached.blocks.stats["prefix_hit_tokens"]
+    got = generate(cached, [nxt], set())[0].token_ids
+    assert cached.blocks.stats["prefix_hit_tokens"] - hit_before == kept * 4
+    assert got == generate(plain, [nxt], set())[0].token_ids
+    seqs = lambda: [SequenceInput(98, turn, first.image_embeds, keys)]  # noqa: E731
+    np.testing.assert_allclose(cached.prefill(seqs()), plain.prefill(seqs()), rtol=1e-4, atol=1e-5)
+    cached.release(98), plain.release(98)
+    # Without keys for its image a sequence caches nothing, on release as at prefill.
+    cached.reset_prefix_cache()
+    generate(cached, [GenerationRequest(first.prompt_ids, first.image_embeds, first.params)], set())
+    assert cached.blocks.num_cached_blocks == 0 and cached.num_free_blocks == cached.blocks.num_blocks
+
+
 def test_prefix_block_keys():
     image, L = 50, 6
     ids = [1, 2] + [image] * L + [7, 8, 9, 10, 11]  # 13 tokens: 3 whole blocks of 4

@@ -133,6 +133,23 @@ def test_prefix_caching_same_answers(model_dir, reference):
     assert_all_blocks_free(llm)
 
 
+def test_next_turn_starts_past_the_answer(model_dir):
+    """A finished request leaves its answer's full blocks cached, so a chat's next turn (the first
+    prompt, the answer, a new question) starts past the answer, with the uncached answer."""
+    llm = LLM(model_dir, block_size=4)
+    plain = LLM(model_dir, prefix_caching=False)
+    first = make_request(llm.pipeline, *prompt_messages({"prompt": "Hi", "image": mixed_prompts()[0]["image"]}),
+                         SamplingParams(max_new_tokens=9, ignore_eos=True))
+    answer = llm.run([first], use_tqdm=False)[0].token_ids
+    turn = lambda: Request(first.prompt_ids + answer + [5, 17, 23], first.images, SamplingParams(max_new_tokens=5))  # noqa: E731
+    before = llm.scheduler.stats["prefix_cached_tokens"]
+    got = llm.run([turn()], use_tqdm=False)[0].token_ids
+    in_cache = len(first.prompt_ids) + len(answer) - 1  # the last answer token was never fed
+    assert llm.scheduler.stats["prefix_cached_tokens"] - before == in_cache // 4 * 4 > len(first.prompt_ids)
+    assert got == plain.run([turn()], use_tqdm=False)[0].token_ids
+    assert_all_blocks_free(llm)
+
+
 def test_cancellation_frees_blocks_at_once(model_dir):
     llm = LLM(model_dir)
     s = llm.scheduler
