@@ -11,7 +11,8 @@ no level reuses another's encodings), half are text-only; greedy, EOS ignored so
 exactly --max-tokens tokens. Per level: TTFT p50/p99 (request sent to first SSE event), time per
 output token after the first, output tokens/s over the whole level. The baseline is the LLaVA
 repo's model worker: transformers' LlavaForConditionalGeneration.generate, one request at a time,
-on the same prompts and pixels.
+on the same prompts and pixels. On CUDA, where the scheduler decodes one step ahead, the top level
+runs again with that off (top_level_decoding_step_by_step), for the difference.
 """
 
 from __future__ import annotations
@@ -234,6 +235,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 stats = clients.submit(measure_level, url, requests[: max(args.requests, c)], c, args.max_tokens).result()
                 rows.append({"concurrency": c, **stats})
                 print(f"concurrency {c}: {stats['throughput_tok_s']:.1f} tok/s", flush=True)
+            engine, stepwise = llm.pipeline.engine, None
+            if getattr(engine, "overlap_decode", False):  # the top level again, each decode step waiting for its tokens
+                c = max(args.concurrency)
+                engine.overlap_decode = False  # read by the engine thread at its next step; it is idle now
+                llm.scheduler.image_cache.clear()
+                stepwise = {"concurrency": c, **clients.submit(
+                    measure_level, url, requests[: max(args.requests, c)], c, args.max_tokens).result()}
+                engine.overlap_decode = True
+                print(f"concurrency {c}, decoding step by step: {stepwise['throughput_tok_s']:.1f} tok/s", flush=True)
         server.should_exit = True
         llm.shutdown(1)
         baseline = None
@@ -253,7 +263,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         payload = {"preset": args.preset if args.model is None else str(args.model), "device": args.device,
                    "dtype": args.dtype, "max_tokens": args.max_tokens,
                    "requests_per_level": args.requests, "mix": "half image (distinct), half text-only; greedy, EOS ignored",
-                   "rows": rows, "baseline_transformers_one_at_a_time": baseline}
+                   "rows": rows, "baseline_transformers_one_at_a_time": baseline,
+                   "top_level_decoding_step_by_step": stepwise}
         path = write_json(f"serve-{args.device.split(':')[0]}", payload, args.out)
         if baseline is not None:
             png = path.with_suffix(".png")

@@ -8,7 +8,11 @@ preempted: its blocks are freed and it is recomputed later (prompt by prefill, t
 already generated replayed one per decode step, so the replay computes what the first pass did).
 Images of the requests admitted in a step are encoded in one call and cached by content hash.
 With prefix caching (the torch engine), a request starts on the cached KV blocks of its prompt's
-start, and one whose next block an admitted request is still computing waits for it.
+start, and one whose next block an admitted request is still computing waits for it. On an engine
+that can queue a decode step before the host has read the last one's tokens (overlap_decode: the
+torch engine on CUDA), greedy decoding runs one step ahead, as generate() does: each step queues
+the next decode, fed from the device tokens of the one queued a step before, then reads and
+accepts those while the GPU runs.
 
 Only the engine interface is used (runtime/engine.py), so the torch and onnxruntime engines
 both run under it. Not thread-safe: one thread calls add/abort/step (AsyncLLM owns that thread).
@@ -89,6 +93,7 @@ class Request:
     detok: StreamingDetokenizer | None = None
     num_preemptions: int = 0
     prefix_todo: list = field(default_factory=list)  # prefix-cache keys of the prompt blocks it computes
+    ahead: bool = False  # its next token is in a decode step queued and not read yet (overlap_decode)
 
     @property
     def in_prompt(self) -> bool:
@@ -130,7 +135,8 @@ class Scheduler:
         self.block_size = engine.blocks.block_size
         self.num_blocks = engine.blocks.num_blocks
         self.stats = {"steps": 0, "preemptions": 0, "aborted": 0, "images_encoded": 0, "image_cache_hits": 0,
-                      "prefix_cached_tokens": 0}
+                      "prefix_cached_tokens": 0, "decode_steps_ahead": 0}
+        self._queued: tuple[Any, list[Request]] | None = None  # a decode step not read yet, and its rows
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -237,12 +243,15 @@ class Scheduler:
         r = victims[-1]
         self.engine.release(r.seq_id)
         self.running.remove(r)
-        r.num_computed, r.num_preemptions = 0, r.num_preemptions + 1
+        r.num_computed, r.num_preemptions, r.ahead = 0, r.num_preemptions + 1, False  # a token in flight is dropped
         self.stats["preemptions"] += 1
         self.waiting.appendleft(r)  # first back in
         return True
 
     def _decode(self) -> None:
+        if getattr(self.engine, "overlap_decode", False) and self._decode_ahead():
+            return
+        self._read_queued()  # a step the plain way needs every request's last token on the host
         while True:
             batch = [r for r in self.running if not r.in_prompt]
             if not batch:
@@ -262,6 +271,53 @@ class Scheduler:
             r.num_computed += 1
             if r.num_computed == len(r.prompt_ids) + len(r.output_ids):  # not replaying after preemption
                 self._accept(r, next_token(out[row], r.sampler, greedy))
+
+    def _decode_ahead(self) -> bool:
+        """Queue this step's decode, then read the one queued last step (its tokens feed this one on
+        the device), so the host's work on them overlaps the GPU's. False: run the step the plain way
+        (sampling, a replay after preemption, or no room in the cache)."""
+        batch = [r for r in self.running if not r.in_prompt]
+        if not batch or not all_greedy([r.sampler for r in batch]):
+            return False
+        if any(not r.ahead and r.num_computed < len(r.prompt_ids) + len(r.output_ids) - 1 for r in batch):
+            return False  # replaying tokens after preemption
+        if any(not r.ahead for r in batch) and self._queued is not None:  # new arrivals: their tokens are on the host
+            self._read_queued()
+            batch = [r for r in batch if r.finish_reason is None]
+        if (queued := self._queued) is not None:  # every request's next token is in it
+            row = {id(r): i for i, r in enumerate(queued[1])}
+            # One that stops for length on its queued token needs no further step.
+            go = [r for r in batch if len(r.output_ids) + 1 < r.params.max_new_tokens
+                  and len(r.prompt_ids) + len(r.output_ids) + 1 < self.engine.max_context]
+            feed = (queued[0], [row[id(r)] for r in go])
+        else:
+            go, feed = batch, [r.output_ids[-1] for r in batch]
+        try:
+            step = self.engine.decode_async([r.seq_id for r in go], feed) if go else None
+        except CacheFullError:  # the engine undid the step; the plain way makes room
+            return False
+        for r in go:
+            r.num_computed += 1
+        if queued is not None and go:
+            self.stats["decode_steps_ahead"] += 1
+        self._read_queued()
+        if step is not None:
+            self._queued = step, go
+            for r in go:
+                r.ahead = True
+        return True
+
+    def _read_queued(self) -> None:
+        """Accept the tokens of the decode step queued last, for the requests still waiting on them."""
+        if self._queued is None:
+            return
+        step, rows = self._queued
+        self._queued = None
+        out = step.result()
+        for i, r in enumerate(rows):
+            if r.ahead and r.finish_reason is None:  # else it stopped or was preempted since: a wasted row
+                r.ahead = False
+                self._accept(r, int(out[i]))
 
     def _prefill(self) -> None:
         cfg = self.engine.config

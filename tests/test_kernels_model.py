@@ -292,6 +292,32 @@ def test_cuda_engine_matches_cpu_fp32(tiny_model):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
+def test_cuda_scheduler_decodes_ahead(tmp_path):
+    """The continuous-batching scheduler on CUDA decodes one step ahead (each step fed from the last
+    one's device tokens): the CPU scheduler's answers, with requests joining mid-decode (small prefill
+    chunks) and ending on their budgets at different steps."""
+    from PIL import Image
+
+    from llava_rt import LLM
+    from llava_rt.random_checkpoint import make_random_checkpoint
+    from llava_rt.runtime.scheduler import SchedulerConfig
+
+    model_dir = make_random_checkpoint(tmp_path / "tiny", "tiny", std=0.2)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    prompts = [{"prompt": q, "image": image} if i % 2 == 0 else q
+               for i, q in enumerate(["What is here?", "Hi", "Describe it.", "Tell me a story.", "Colors?", "Ok"])]
+    params = [SamplingParams(max_new_tokens=6 + 5 * i, ignore_eos=i % 3 == 0) for i in range(len(prompts))]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(model_dir, device=device, scheduler=SchedulerConfig(max_prefill_tokens=16))
+        outs[device] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)]
+        engine = llm.pipeline.engine
+        assert engine.num_free_blocks == engine.blocks.num_blocks
+    assert llm.pipeline.engine.overlap_decode and llm.scheduler.stats["decode_steps_ahead"] > 10
+    assert outs["cuda"] == outs["cpu"]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (runs in the GPU suite)")
 def test_cuda_encode_graphs_match_eager(tiny_model):
     """The vision tower's CUDA graphs give the eager tower's features, and a replay does not
     overwrite what an earlier call returned (the engine caches encodings)."""

@@ -150,6 +150,55 @@ def test_next_turn_starts_past_the_answer(model_dir):
     assert_all_blocks_free(llm)
 
 
+def overlapped(llm):
+    """Decode one step ahead as on CUDA (the CPU engine's decode_async runs each step at once)."""
+    llm.pipeline.engine.overlap_decode = True
+    return llm
+
+
+@pytest.mark.parametrize("case", ["plain", "chunks of 7", "preemption"])
+def test_decode_ahead_same_answers(model_dir, reference, case):
+    """Greedy decoding one step ahead (each step queued on the last one's device tokens): the same
+    answers as every request alone, whether requests join mid-decode (small chunks) or are preempted
+    with a step in flight, and every block comes back."""
+    block_bytes = 2 * 2 * 4 * 2 * 32 * 4  # as in test_preemption_same_answers: 24 blocks of 4 tokens
+    kwargs = {"plain": {}, "chunks of 7": {"scheduler": SchedulerConfig(max_prefill_tokens=7)},
+              "preemption": {"scheduler": SchedulerConfig(max_prefill_tokens=16), "block_size": 4,
+                             "kv_cache_bytes": 24 * block_bytes, "prefix_caching": False}}[case]
+    llm = overlapped(LLM(model_dir, **kwargs))
+    out = llm.generate(mixed_prompts(), params_for(10), use_tqdm=False)
+    assert [o.token_ids for o in out] == reference
+    assert [o.finish_reason for o in out].count("stop") >= 1  # a stop on EOS with a step queued after it
+    assert llm.scheduler.stats["decode_steps_ahead"] > 10
+    assert (llm.scheduler.stats["preemptions"] > 0) == (case == "preemption")
+    assert_all_blocks_free(llm)
+
+
+def test_decode_ahead_stops_aborts_and_sampling(model_dir):
+    """One step ahead: a stop string and an abort with a step in flight lose nothing; a sampled request
+    in the batch runs every step the plain way, with its seeded answer."""
+    llm = overlapped(LLM(model_dir))
+    prompt = {"prompt": "Describe the colors.", "image": os.path.join(EXAMPLES, "shapes.png")}
+    full = llm.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+    stop = full.text[8:11]
+    r = llm.request(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True), stop=[stop])
+    longer = llm.request(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    pieces = []
+    r.on_output = pieces.append
+    s = llm.scheduler
+    s.add(r), s.add(longer)
+    while r.finish_reason is None:
+        s.step()
+    assert pieces[-1].text == full.text[: full.text.find(stop)]
+    assert s.stats["decode_steps_ahead"] > 0 and longer.ahead
+    assert s.abort(longer.request_id)
+    assert_all_blocks_free(llm)
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    alone = llm.generate([prompt], [sampled], use_tqdm=False)[0].token_ids
+    both = llm.generate([prompt, prompt], [SamplingParams(max_new_tokens=12, ignore_eos=True), sampled], use_tqdm=False)
+    assert both[1].token_ids == alone and both[0].token_ids == full.token_ids[:12]
+
+
 def test_cancellation_frees_blocks_at_once(model_dir):
     llm = LLM(model_dir)
     s = llm.scheduler
