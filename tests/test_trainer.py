@@ -122,6 +122,28 @@ def test_ablation_reuses_a_finished_run_and_filters_instruction_types(smoke, tmp
         run_recipe(tmp_path / "x", "smoke", log=lambda *_: None, reuse=tmp_path / "nothing-here")
 
 
+def test_ablation_after_the_phase_reuses_the_phase(smoke, tmp_path):
+    """An ablation that differs only after the short-question phase (--stage2-types, --no-reasoning-pass)
+    starts stage 2 from the reused run's phase instead of training the same phase again."""
+    from llava_rt.trainer.recipe import _same_phase, preset
+
+    out = tmp_path / "detail-only"
+    report = run_recipe(out, "smoke", log=lambda *_: None, reuse=smoke, stage2_types=["detail"])
+    assert report["stage1"] == {"reused": str(smoke / "stage1" / "final")}
+    assert report["stage2_short"] == {"reused": str(smoke / "stage2-short" / "final")}
+    assert not (out / "stage2-short").exists() and not (out / "short.json").exists()
+    kinds = [s["type"] for s in json.loads((smoke / "data" / "instruct.json").read_text())]
+    assert report["stage2"]["samples"] + report["stage2"]["rejected"] == kinds.count("detail") > 0
+    assert "reasoning_pass" not in report and (out / "stage2" / "final" / "model.safetensors").is_file()
+    r = preset("smoke")
+    assert _same_phase(smoke, r)
+    r.short_phase.lr *= 2  # other phase settings train another phase
+    assert not _same_phase(smoke, r)
+    r = preset("smoke")
+    r.short_phase = None
+    assert not _same_phase(smoke, r)
+
+
 def test_recipe_seed_reaches_every_stage(smoke, tmp_path):
     """`llava-train recipe --seed N --reuse RUN`: a seed run on the same data and base models (how
     docs/REPRODUCTION.md measures seed variance); N must reach each stage's initialisation and order."""

@@ -83,7 +83,8 @@ def parse(argv):
     r.add_argument("--seed", type=int, default=0,
                    help="every random draw: data, base models, initialisations, sample order (with --reuse, the stages' only)")
     _precision_arg(r)
-    r.add_argument("--reuse", type=Path, help="ablation: take data, base models (and a matching stage 1) from this run")
+    r.add_argument("--reuse", type=Path, help="ablation: take data, base models (and a matching stage 1 and "
+                                                "short-question phase) from this run")
     d = sub.add_parser("data", help="render the synthetic world and write LLaVA-format data")
     d.add_argument("out", type=Path)
     d.add_argument("--train", type=int, default=8000)

@@ -224,10 +224,10 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
                stage2_types: list[str] | None = None, short_phase: bool = True, reasoning_pass: bool = True,
                **overrides) -> dict:
     """Run the whole recipe into `out`. For ablations, `reuse` names a finished run whose data and base
-    models (and stage 1, when its settings match) are used instead of being made again, and
-    `stage2_types` keeps only those instruction types ("conversation", "detail", "reasoning"; the
-    reasoning pass runs only when they include reasoning); `short_phase=False` drops stage 2's
-    short-question phase and `reasoning_pass=False` the pass that closes it (module doc)."""
+    models (and stage 1 and the short-question phase, when their settings match) are used instead of
+    being made again, and `stage2_types` keeps only those instruction types ("conversation", "detail",
+    "reasoning"; the reasoning pass runs only when they include reasoning); `short_phase=False` drops
+    stage 2's short-question phase and `reasoning_pass=False` the pass that closes it (module doc)."""
     from .evaluate import evaluate
 
     r = preset(name)
@@ -262,6 +262,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         report["base"] = base
         report["timings"].update(base["timings"])
     t = time.time()
+    phase_from = None  # a reused run whose short-question phase this one would train again
     build_llava(base_dir / "clip", base_dir / "llm", base_dir / "tokenizer", out / "stage0",
                 projector_type=r.projector_type, feature_layer=r.feature_layer, seed=r.seed)
     if r.stage1.epochs <= 0:  # ablation: straight to stage 2 with an untrained projector
@@ -269,6 +270,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     elif reuse is not None and _same_stage1(reuse, r):
         s1, stage2_from = {"reused": str(reuse / "stage1" / "final")}, reuse / "stage1" / "final"
         log(f"reusing stage 1 from {stage2_from} (same vision features, projector and stage-1 settings)")
+        phase_from = reuse if _same_phase(reuse, r) else None
     else:
         s1 = run_stage(out / "stage0", data / "pretrain.json", data, out / "stage1", r.stage1, log=log)
         stage2_from = out / "stage1" / "final"
@@ -282,7 +284,11 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         instruct = out / f"instruct-{'-'.join(stage2_types)}.json"
         instruct.write_text(json.dumps(samples))
         log(f"stage 2 on {len(samples)} samples of type {', '.join(stage2_types)}")
-    if r.short_phase is not None:
+    if phase_from is not None:  # the same stage 1, questions, settings and seed train the same phase
+        report["stage2_short"] = {"reused": str(phase_from / "stage2-short" / "final")}
+        stage2_from = phase_from / "stage2-short" / "final"
+        log(f"reusing the short-question phase from {stage2_from} (same stage 1 and phase settings)")
+    elif r.short_phase is not None:
         short = write_short_questions(data, out / "short.json", seed=r.seed)
         report["stage2_short"] = run_stage(stage2_from, short, data, out / "stage2-short", r.short_phase, log=log)
         stage2_from = out / "stage2-short" / "final"
@@ -352,7 +358,20 @@ def _same_stage1(run: Path, r: Recipe) -> bool:
     if not (run / "stage1" / "final" / "config.json").is_file() or not report.is_file():
         return False
     cfg = json.loads(report.read_text())["config"]
-    want = json.loads(json.dumps(asdict(r.stage1), default=str))
     return (cfg.get("feature_layer") == r.feature_layer and cfg.get("projector_type") == r.projector_type
-            and cfg.get("seed") == r.seed
-            and {**want, **cfg.get("stage1", {})} == want)  # a report from before a new field has its default
+            and cfg.get("seed") == r.seed and _same_settings(cfg.get("stage1", {}), r.stage1))
+
+
+def _same_phase(run: Path, r: Recipe) -> bool:
+    """Whether `run`'s short-question phase is the one `r` would train, given that its stage 1 is reused
+    (`_same_stage1`): the phase's questions come from the shared data and seed, so with the same settings
+    only what follows the phase differs (--stage2-types, --no-reasoning-pass)."""
+    if r.short_phase is None or not (run / "stage2-short" / "final" / "config.json").is_file():
+        return False
+    return _same_settings(json.loads((run / "report.json").read_text())["config"].get("short_phase"), r.short_phase)
+
+
+def _same_settings(saved: dict | None, want: StageConfig) -> bool:
+    """A stage's settings in a run's report against `want`; a report from before a new field has its default."""
+    want = json.loads(json.dumps(asdict(want), default=str))
+    return saved is not None and {**want, **saved} == want
