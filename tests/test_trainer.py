@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from llava_rt.checkpoint import load_model
 from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 from llava_rt.tokenizer import TextProcessor
-from llava_rt.trainer.data import IGNORE_INDEX, generate_dataset, load_examples, load_scenes, write_short_questions
+from llava_rt.trainer.data import (IGNORE_INDEX, generate_dataset, load_examples, load_scenes, to_messages,
+                                   write_lookup_check, write_short_questions)
 from llava_rt.trainer.evaluate import evaluate_scienceqa, objects_mentioned, objects_placed, parse_answer_letter
 from llava_rt.trainer.instructions import DETAIL_QUESTIONS, detailed_description
 from llava_rt.trainer.loop import batch_indices
@@ -159,6 +161,77 @@ def test_recipe_seed_reaches_every_stage(smoke, tmp_path):
     seed3, seed0 = (load_file(str(d / "stage0" / "model.safetensors")) for d in (tmp_path / "seed3", smoke))
     key = next(k for k in seed3 if "multi_modal_projector" in k and k.endswith("weight"))
     assert not torch.equal(seed3[key], seed0[key])
+
+
+def test_teacher_forced_exact_match_is_greedy_exact_match(smoke, tmp_path):
+    """The phase check's score (evaluate.teacher_forced_by_form) is, per single-turn sample, whether greedy
+    decoding gives the reference answer and then stops: checked sample by sample against the engine's
+    greedy answers, and on the model's own answers as references, which it must score 100%."""
+    from llava_rt.runtime.generate import generate
+    from llava_rt.trainer.evaluate import teacher_forced_by_form
+
+    model = smoke / "stage2" / "final"
+    folder = tmp_path / "check"
+    samples = json.loads(write_lookup_check(folder, 6, seed=0).read_text())
+    forms = {s["id"].rsplit("-", 1)[-1] for s in samples}
+    assert {"q_count_all", "q_where", "q_exists"} <= forms  # every scene has these forms
+    for i, s in enumerate(samples):  # one "form" per sample, to see each sample's score
+        s["id"] = f"x-s{i}"
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps(samples))
+    pipe = Pipeline.load(model)
+    text = pipe.text
+    params = SamplingParams(max_new_tokens=32)
+    requests = [pipe.prepare(to_messages(s["conversations"][:1]), [Image.open(folder / s["image"])], params)
+                for s in samples]
+    outs = list(generate(pipe.engine, requests, text.eos_token_ids))
+    examples, _ = load_examples(alone, folder, text, "v1", 512)
+    labelled = [[t for t in e.labels[1:] if t != -100] for e in examples]
+    eos = text.tokenizer.token_to_id(text.eos_token)  # the token the v1 template ends each answer with
+    greedy = [o.token_ids + ([eos] if o.finish_reason == "stop" else []) for o in outs]
+    scores = teacher_forced_by_form(model, alone, folder)
+    hits = [scores[f"s{i}"]["accuracy"] for i in range(len(samples))]
+    assert hits == [float(g == want) for g, want in zip(greedy, labelled)]
+    # The model's own answers as the references: every one whose tokens the tokenizer gives back is a hit.
+    for s, o in zip(samples, outs):
+        s["conversations"][1]["value"] = text.decode(o.token_ids).strip()
+    alone.write_text(json.dumps(samples))
+    examples, _ = load_examples(alone, folder, text, "v1", 512)
+    same = [i for i, (e, g) in enumerate(zip(examples, greedy)) if [t for t in e.labels[1:] if t != -100] == g]
+    assert len(same) >= len(samples) // 2, (len(same), len(samples))
+    scores = teacher_forced_by_form(model, alone, folder)
+    assert all(scores[f"s{i}"]["accuracy"] == 1.0 for i in same)
+
+
+def test_phase_check_adds_epochs_while_a_form_is_stuck(smoke, tmp_path):
+    """The check after the short-question phase (recipe.check_phase): a form below the bar gets one more epoch
+    of the phase from the stuck model, at most phase_extra_epochs times, and stage 2 starts from the last."""
+    from llava_rt.trainer.recipe import check_phase, preset
+
+    full = json.loads((smoke / "report.json").read_text())
+    (check,) = full["phase_check"]  # the smoke preset checks and adds nothing (phase_extra_epochs 0)
+    assert check["model"] == "stage2-short/final" and full["phase_model"] == "stage2-short/final"
+    assert set(check["by_form"]) >= {"q_count_all", "q_where"}
+    assert all(0 <= v["accuracy"] <= 1 for v in check["by_form"].values())
+    r = preset("smoke")
+    r.phase_check_scenes, r.phase_check_min, r.phase_extra_epochs = 4, 1.01, 1  # every form stuck
+    out = tmp_path / "run"
+    (out / "stage2-short").mkdir(parents=True)
+    shutil.copytree(smoke / "stage2-short" / "final", out / "stage2-short" / "final")
+    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", out, r,
+                                log=lambda *_: None)
+    assert model == out / "stage2-short-extra1" / "final" and [x["model"] for x in rounds] == [
+        "stage2-short/final", "stage2-short-extra1/final"]
+    assert all(x["stuck"] for x in rounds)
+    extra = [json.loads(line) for line in (out / "stage2-short-extra1" / "metrics.jsonl").read_text().splitlines()]
+    assert extra[-1]["epoch"] == 1.0  # one epoch of the phase's questions
+    before, after = (load_file(str(d / "model.safetensors")) for d in (smoke / "stage2-short" / "final", model))
+    key = next(k for k in before if "layers.0" in k and k.endswith("weight"))
+    assert not torch.equal(before[key], after[key])
+    r.phase_check_min = 0.0  # nothing stuck: no extra epoch
+    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", out, r,
+                                log=lambda *_: None)
+    assert model == out / "stage2-short" / "final" and len(rounds) == 1 and not rounds[0]["stuck"]
 
 
 def test_stage2_labels_are_exactly_the_answers(smoke):

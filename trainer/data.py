@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from llava_rt.tokenizer import TextProcessor
 
-from .instructions import (BRIEF_QUESTIONS, brief_caption, conversation, detail_question, reasoning, reasoning_pass_questions,
-                           short_questions)
+from .instructions import (BRIEF_QUESTIONS, SHORT, brief_caption, conversation, detail_question, reasoning,
+                           reasoning_pass_questions, short_questions)
 from .world import Scene, render, sample_scene
 
 IGNORE_INDEX = -100
@@ -93,7 +93,11 @@ def _write_per_training_scene(data_dir: str | Path, out_json: str | Path, seed: 
                 samples += make(row["id"], Scene.from_dict(row["scene"]), f"images/{row['id']}.png", rng)
     if shuffle:
         rng.shuffle(samples)
-    out = Path(out_json)
+    return _write_atomically(Path(out_json), samples)
+
+
+def _write_atomically(out: Path, samples: list[dict]) -> Path:
+    """One LLaVA JSON file, never half-written: a temporary file renamed into place."""
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(samples))
     tmp.replace(out)
@@ -106,6 +110,25 @@ def write_short_questions(data_dir: str | Path, out_json: str | Path, seed: int 
     return _write_per_training_scene(data_dir, out_json, seed, lambda sid, scene, image, rng: [
         _sample(f"{sid}-short-{k}", image, [qa], "conversation", rng)
         for k, qa in enumerate(short_questions(scene, rng))])
+
+
+def write_lookup_check(out_dir: str | Path, n_scenes: int, seed: int = 0) -> Path:
+    """Scenes of their own (a seed stream apart from the data set's, so no stage trains on them), rendered
+    into out_dir/images, and on each one question of every short-question form, the form's name ending the
+    sample id: what the recipe checks after the short-question phase (trainer/recipe.py). Written
+    atomically to out_dir/questions.json."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"lookup-check-{seed}")
+    samples = []
+    for i in range(n_scenes):
+        scene = sample_scene(rng)
+        image = f"images/{i:05d}.png"
+        render(scene).save(out / image)
+        for form in SHORT:
+            if (qa := form(scene, rng)) is not None:
+                samples.append(_sample(f"{i:05d}-{form.__name__}", image, [qa], "conversation", rng))
+    return _write_atomically(out / "questions.json", samples)
 
 
 def write_reasoning_pass(data_dir: str | Path, out_json: str | Path, seed: int = 0, descriptions: bool = True) -> Path:

@@ -22,14 +22,17 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from llava_rt.checkpoint import load_model
 from llava_rt.image_processor import load_image
 from llava_rt.runtime.generate import generate
 from llava_rt.runtime.pipeline import Pipeline
 from llava_rt.runtime.sampling import SamplingParams
 
-from .data import IMAGE_TAG, to_messages
+from .data import IGNORE_INDEX, IMAGE_TAG, to_messages
+from .stages import StageData
 from .world import COLORS, COLS, ROWS, SHAPES, SIZES, position_name
 
 
@@ -120,6 +123,27 @@ def evaluate(model_dir: Path, image_folder: Path, eval_json: Path, limit: int | 
         "by_question": {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(by_form.items())},
         "misses": dict(examples),
     }
+
+
+def teacher_forced_by_form(model_dir: Path, data_json: Path, image_folder: Path, batch_size: int = 64) -> dict:
+    """Per question form (what follows the last "-" of a sample id, as `write_lookup_check` names them), the
+    share of samples whose every answer token, end of turn included, is the model's most likely next token
+    given the reference before it: greedy decoding's exact match for a single-turn sample, from one forward
+    pass (no generation), so the recipe can check its short-question phase in seconds."""
+    model = load_model(model_dir).eval()
+    data = StageData.load(model, Path(model_dir), data_json, image_folder, stage=2)
+    if data.rejected:
+        raise ValueError(f"{data_json}: {len(data.rejected)} samples rejected, e.g. {data.rejected[0].id}: "
+                         f"{data.rejected[0].reason}")
+    hits: dict[str, list[float]] = defaultdict(list)
+    with torch.inference_mode():
+        for i in range(0, len(data.examples), batch_size):
+            idx = list(range(i, min(i + batch_size, len(data.examples))))
+            logits, labels = data.next_token_logits(model, idx)
+            right = ((logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)).all(1)
+            for j, hit in zip(idx, right.tolist()):
+                hits[data.examples[j].id.rsplit("-", 1)[-1]].append(float(hit))
+    return {form: {"accuracy": _mean(v), "n": len(v)} for form, v in sorted(hits.items())}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -18,6 +18,12 @@ Our small LLM, unlike the paper's Vicuna, cannot yet read an answer out of the i
 in the mix the short answers stayed at their most common value; docs/REPRODUCTION.md, "A
 short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epochs).
 
+Whether the phase's lookups left their plateau is a draw of the seed, the data and even the CPU's
+rounding (docs/REPRODUCTION.md, "Three seeds" and "The same command on another CPU"), so the recipe checks:
+after the phase, one question of each form on 300 scenes of their own, teacher-forced (greedy exact match
+from one forward pass, about half a minute), and while a form scores below 75% the phase gets one more
+epoch with the learning rate warmed up again, at most twice. A draw that broke out pays only the check.
+
 Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, per training
 image one sample of fresh draws of the same question forms, three or four reasoning questions and two
 conversation questions in a random order, and beside it the image's detailed description as a sample of
@@ -43,7 +49,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +59,8 @@ from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePro
 from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
-from .data import corpus_text, generate_dataset, load_scenes, write_reasoning_pass, write_short_questions
+from .data import (corpus_text, generate_dataset, load_scenes, write_lookup_check, write_reasoning_pass,
+                   write_short_questions)
 from .instructions import at_position, describe, detailed_description
 from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage, position_name
 from .stages import StageConfig, build_llava, run_stage
@@ -89,6 +96,12 @@ class Recipe:
     clip_place_phrases: bool = False
     compile: bool = False  # torch.compile both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
+    # The check after the phase (module doc): one question of each phase form on this many scenes of their
+    # own, teacher-forced; while a form scores below phase_check_min, one more epoch of the phase, at most
+    # phase_extra_epochs times. 0 scenes: no check.
+    phase_check_scenes: int = 0
+    phase_check_min: float = 0.75
+    phase_extra_epochs: int = 2
     reasoning_pass: StageConfig | None = None  # the pass that closes stage 2 (module doc); None: none
     notes: dict = field(default_factory=dict)
 
@@ -131,6 +144,7 @@ def with_short_phase(r: Recipe, smoke: bool = False) -> Recipe:
                                 group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0,
                                 adam_beta2=0.95)
     r.stage2.epochs = 2
+    r.phase_check_scenes, r.phase_extra_epochs = (16, 0) if smoke else (300, 2)
     return r
 
 
@@ -285,13 +299,17 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         instruct.write_text(json.dumps(samples))
         log(f"stage 2 on {len(samples)} samples of type {', '.join(stage2_types)}")
     if phase_from is not None:  # the same stage 1, questions, settings and seed train the same phase
-        report["stage2_short"] = {"reused": str(phase_from / "stage2-short" / "final")}
-        stage2_from = phase_from / "stage2-short" / "final"
+        stage2_from = phase_from / json.loads((phase_from / "report.json").read_text()).get("phase_model",
+                                                                                          "stage2-short/final")
+        report["stage2_short"] = {"reused": str(stage2_from)}
         log(f"reusing the short-question phase from {stage2_from} (same stage 1 and phase settings)")
     elif r.short_phase is not None:
         short = write_short_questions(data, out / "short.json", seed=r.seed)
         report["stage2_short"] = run_stage(stage2_from, short, data, out / "stage2-short", r.short_phase, log=log)
         stage2_from = out / "stage2-short" / "final"
+        if r.phase_check_scenes:
+            stage2_from, report["phase_check"] = check_phase(stage2_from, short, data, out, r, log)
+        report["phase_model"] = str(stage2_from.relative_to(out))
         report["timings"]["stage2_short_s"] = time.time() - t
         t = time.time()
     s2 = run_stage(stage2_from, instruct, data, out / "stage2", r.stage2, log=log)
@@ -315,6 +333,37 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
     if ship_to is not None:
         ship_run(out, ship_to)
     return report
+
+
+# The phase's bare yes/no relation: no draw has learnt it in the phase (docs/REPRODUCTION.md, "Steadier
+# steps in the phase"); stage 2's answers, which name the rows or columns first, teach it.
+PHASE_CHECK_SKIPS = ("q_relative_short",)
+
+
+def check_phase(model: Path, short: Path, data: Path, out: Path, r: Recipe, log=print) -> tuple[Path, list[dict]]:
+    """The check after the short-question phase (module doc): the model stage 2 starts from (the phase's, or
+    the one after the extra epochs it needed) and each round's accuracy by form."""
+    from .evaluate import teacher_forced_by_form
+
+    questions = write_lookup_check(out / "phase-check", r.phase_check_scenes, seed=r.seed)
+    rounds = []
+    for extra in range(r.phase_extra_epochs + 1):
+        by_form = teacher_forced_by_form(model, questions, out / "phase-check")
+        stuck = [f for f, v in by_form.items() if f not in PHASE_CHECK_SKIPS and v["accuracy"] < r.phase_check_min]
+        rounds.append({"model": str(model.relative_to(out)), "by_form": by_form, "stuck": stuck})
+        log("phase check: " + ", ".join(f"{f} {v['accuracy']:.1%}" for f, v in by_form.items())
+            + (f"; below {r.phase_check_min:.0%}: {', '.join(stuck)}" if stuck else ""))
+        if not stuck:
+            break
+        if extra == r.phase_extra_epochs:
+            log(f"the phase's lookups are still stuck after {extra} extra epochs; stage 2 starts from {model}")
+            break
+        # The same questions in another order, the learning rate warmed up again from the stuck model: a lookup
+        # leaves its plateau at its own time, and the first cosine ended before this one did.
+        sc = replace(r.short_phase, epochs=1, fresh_llm=False, seed=r.short_phase.seed + 1 + extra)
+        run_stage(model, short, data, out / f"stage2-short-extra{extra + 1}", sc, log=log)
+        model = out / f"stage2-short-extra{extra + 1}" / "final"
+    return model, rounds
 
 
 def ship_run(out: Path, ship_to: Path) -> None:
@@ -368,7 +417,10 @@ def _same_phase(run: Path, r: Recipe) -> bool:
     only what follows the phase differs (--stage2-types, --no-reasoning-pass)."""
     if r.short_phase is None or not (run / "stage2-short" / "final" / "config.json").is_file():
         return False
-    return _same_settings(json.loads((run / "report.json").read_text())["config"].get("short_phase"), r.short_phase)
+    cfg = json.loads((run / "report.json").read_text())["config"]
+    check = ("phase_check_scenes", "phase_check_min", "phase_extra_epochs")
+    return (_same_settings(cfg.get("short_phase"), r.short_phase)
+            and all(cfg.get(k, 0 if k == "phase_check_scenes" else getattr(r, k)) == getattr(r, k) for k in check))
 
 
 def _same_settings(saved: dict | None, want: StageConfig) -> bool:

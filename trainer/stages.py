@@ -128,9 +128,8 @@ class StageData:
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         return cls(examples, rejected, images, {p: i for i, p in enumerate(paths)}, pad, tune_vision)
 
-    def loss(self, model, idx, per_sample: bool = False) -> torch.Tensor:
-        """Summed cross-entropy over the labelled tokens of examples idx; per_sample: the sum over the
-        examples of each one's mean over its labelled tokens."""
+    def next_token_logits(self, model, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for each next token of examples idx, and its label (-100: not scored), both [batch, length - 1]."""
         batch = [self.examples[i] for i in idx]
         device = next(model.parameters()).device
         arrays = {k: torch.from_numpy(v).to(device) for k, v in collate(batch, self.pad_id).items()}
@@ -142,8 +141,13 @@ class StageData:
             logits = model(arrays["input_ids"], pixel_values=None if images is None else images.float())
         else:
             logits = model(arrays["input_ids"], vision_features=images)
-        labels = arrays["labels"][:, 1:]
-        token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+        return logits[:, :-1], arrays["labels"][:, 1:]
+
+    def loss(self, model, idx, per_sample: bool = False) -> torch.Tensor:
+        """Summed cross-entropy over the labelled tokens of examples idx; per_sample: the sum over the
+        examples of each one's mean over its labelled tokens."""
+        logits, labels = self.next_token_logits(model, idx)
+        token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction="none").view(labels.shape)
         if per_sample:
             return (token.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)).sum()
