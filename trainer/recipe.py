@@ -21,7 +21,7 @@ short-question phase". `--no-short-phase` gives the paper's plain stage 2 (4 epo
 Whether the phase's lookups left their plateau is a draw of the seed, the data and even the CPU's
 rounding (docs/REPRODUCTION.md, "Three seeds" and "The same command on another CPU"), so the recipe checks:
 after the phase, one question of each form on 300 scenes of their own, teacher-forced (greedy exact match
-from one forward pass, about half a minute), and while a form scores below 75% the phase gets one more
+from one forward pass, under a minute), and while a form scores below 75% the phase gets one more
 epoch with the learning rate warmed up again, at most twice. A draw that broke out pays only the check.
 
 Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, per training
