@@ -218,8 +218,10 @@ def test_phase_check_adds_epochs_while_a_form_is_stuck(smoke, tmp_path):
     out = tmp_path / "run"
     (out / "stage2-short").mkdir(parents=True)
     shutil.copytree(smoke / "stage2-short" / "final", out / "stage2-short" / "final")
+    lines = []
     model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", out, r,
-                                log=lambda *_: None)
+                                log=lines.append)
+    assert any(line.startswith("warning:") and "--seed 1" in line for line in lines)  # stuck to the end
     assert model == out / "stage2-short-extra1" / "final" and [x["model"] for x in rounds] == [
         "stage2-short/final", "stage2-short-extra1/final"]
     assert all(x["stuck"] for x in rounds)

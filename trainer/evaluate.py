@@ -129,7 +129,7 @@ def teacher_forced_by_form(model_dir: Path, data_json: Path, image_folder: Path,
     """Per question form (what follows the last "-" of a sample id, as `write_lookup_check` names them), the
     share of samples whose every answer token, end of turn included, is the model's most likely next token
     given the reference before it: greedy decoding's exact match for a single-turn sample, from one forward
-    pass (no generation), so the recipe can check its short-question phase in seconds."""
+    pass (no generation), so the recipe can check its short-question phase in under a minute."""
     model = load_model(model_dir).eval()
     data = StageData.load(model, Path(model_dir), data_json, image_folder, stage=2)
     if data.rejected:

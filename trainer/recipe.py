@@ -356,7 +356,9 @@ def check_phase(model: Path, short: Path, data: Path, out: Path, r: Recipe, log=
         if not stuck:
             break
         if extra == r.phase_extra_epochs:
-            log(f"the phase's lookups are still stuck after {extra} extra epochs; stage 2 starts from {model}")
+            log(f"warning: {', '.join(stuck)} still below {r.phase_check_min:.0%} after {extra} extra epochs; stage 2 "
+                f"starts from {model}, and the final model will fall short on them; `llava-train recipe OUT2 --reuse "
+                f"{out} --seed {r.seed + 1}` draws stage 1 and the phase again on the same data and base models")
             break
         # The same questions in another order, the learning rate warmed up again from the stuck model: a lookup
         # leaves its plateau at its own time, and the first cosine ended before this one did.
