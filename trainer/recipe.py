@@ -399,8 +399,12 @@ BASE_FIELDS = ("n_train", "n_eval", "vocab_size", "image_size", "vision", "text"
 def reused_base_config(reused: dict) -> dict:
     """The base-model settings of a reused run's report config; a field its report predates has the
     default it was made with."""
-    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
-    return {k: reused.get(k, defaults.get(k)) for k in BASE_FIELDS}
+    return {k: reused.get(k, _recipe_defaults().get(k)) for k in BASE_FIELDS}
+
+
+def _recipe_defaults() -> dict:
+    """Recipe's field defaults: what a run whose report predates a field was made with."""
+    return {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
 
 
 def _same_stage1(run: Path, r: Recipe) -> bool:
@@ -419,10 +423,9 @@ def _same_phase(run: Path, r: Recipe) -> bool:
     only what follows the phase differs (--stage2-types, --no-reasoning-pass)."""
     if r.short_phase is None or not (run / "stage2-short" / "final" / "config.json").is_file():
         return False
-    cfg = json.loads((run / "report.json").read_text())["config"]
-    check = ("phase_check_scenes", "phase_check_min", "phase_extra_epochs")
+    cfg = {**_recipe_defaults(), **json.loads((run / "report.json").read_text())["config"]}  # older: no check
     return (_same_settings(cfg.get("short_phase"), r.short_phase)
-            and all(cfg.get(k, 0 if k == "phase_check_scenes" else getattr(r, k)) == getattr(r, k) for k in check))
+            and all(cfg[k] == getattr(r, k) for k in ("phase_check_scenes", "phase_check_min", "phase_extra_epochs")))
 
 
 def _same_settings(saved: dict | None, want: StageConfig) -> bool:
