@@ -206,11 +206,13 @@ def test_teacher_forced_exact_match_is_greedy_exact_match(smoke, tmp_path):
 def test_phase_check_adds_epochs_while_a_form_is_stuck(smoke, tmp_path):
     """The check after the short-question phase (recipe.check_phase): a form below the bar gets one more epoch
     of the phase from the stuck model, at most phase_extra_epochs times, and stage 2 starts from the last."""
+    from llava_rt.trainer.data import write_lookup_check
     from llava_rt.trainer.recipe import check_phase, preset
 
     full = json.loads((smoke / "report.json").read_text())
     (check,) = full["phase_check"]  # the smoke preset checks and adds nothing (phase_extra_epochs 0)
     assert check["model"] == "stage2-short/final" and full["phase_model"] == "stage2-short/final"
+    assert "phase_redraws" not in full
     assert set(check["by_form"]) >= {"q_count_all", "q_where"}
     assert all(0 <= v["accuracy"] <= 1 for v in check["by_form"].values())
     r = preset("smoke")
@@ -218,10 +220,9 @@ def test_phase_check_adds_epochs_while_a_form_is_stuck(smoke, tmp_path):
     out = tmp_path / "run"
     (out / "stage2-short").mkdir(parents=True)
     shutil.copytree(smoke / "stage2-short" / "final", out / "stage2-short" / "final")
-    lines = []
-    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", out, r,
-                                log=lines.append)
-    assert any(line.startswith("warning:") and "--seed 1" in line for line in lines)  # stuck to the end
+    questions = write_lookup_check(out / "phase-check", r.phase_check_scenes, seed=r.seed)
+    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", questions, out,
+                                r, log=lambda *_: None)
     assert model == out / "stage2-short-extra1" / "final" and [x["model"] for x in rounds] == [
         "stage2-short/final", "stage2-short-extra1/final"]
     assert all(x["stuck"] for x in rounds)
@@ -231,9 +232,44 @@ def test_phase_check_adds_epochs_while_a_form_is_stuck(smoke, tmp_path):
     key = next(k for k in before if "layers.0" in k and k.endswith("weight"))
     assert not torch.equal(before[key], after[key])
     r.phase_check_min = 0.0  # nothing stuck: no extra epoch
-    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", out, r,
-                                log=lambda *_: None)
+    model, rounds = check_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", questions, out,
+                                r, log=lambda *_: None)
     assert model == out / "stage2-short" / "final" and len(rounds) == 1 and not rounds[0]["stuck"]
+
+
+def test_a_phase_stuck_after_its_epochs_is_drawn_again(smoke, tmp_path):
+    """recipe.settle_phase: a phase still stuck after its extra epochs is drawn again (stage 1 and the phase on
+    the next seed, checked on the same questions), stage 2 starts from the draw whose check ended best, and the
+    warning names the command for one more draw."""
+    from llava_rt.trainer.recipe import PHASE_CHECK_SKIPS, preset, settle_phase
+
+    r = preset("smoke")
+    r.phase_check_scenes, r.phase_check_min, r.phase_extra_epochs, r.phase_redraws = 4, 1.01, 0, 1  # all stuck
+    out = tmp_path / "run"
+    shutil.copytree(smoke / "stage2-short" / "final", out / "stage2-short" / "final")
+    lines = []
+    model, rounds, (draw,) = settle_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data",
+                                          smoke / "base", out, r, log=lines.append)
+    assert [x["model"] for x in rounds] == ["stage2-short/final"]
+    assert draw["seed"] == 1 and [x["model"] for x in draw["phase_check"]] == ["redraw1/stage2-short/final"]
+    assert draw["stage1"]["steps"] > 0 and draw["stage2_short"]["steps"] > 0
+    assert set(draw["phase_check"][0]["by_form"]) == set(rounds[0]["by_form"])  # the same check questions
+    # another seed: another projector after stage 1, and other phase questions
+    a, b = (load_file(str(d / "model.safetensors")) for d in (smoke / "stage1" / "final",
+                                                              out / "redraw1" / "stage1" / "final"))
+    key = next(k for k in a if "multi_modal_projector" in k and k.endswith("weight"))
+    assert not torch.equal(a[key], b[key])
+    assert (out / "redraw1" / "short.json").read_text() != (smoke / "short.json").read_text()
+
+    def lowest(x):
+        return min(v["accuracy"] for f, v in x[-1]["by_form"].items() if f not in PHASE_CHECK_SKIPS)
+    redrawn = lowest(draw["phase_check"]) > lowest(rounds)  # every form is stuck in both: the lowest decides
+    assert model == (out / "redraw1" / "stage2-short" / "final" if redrawn else out / "stage2-short" / "final")
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert "seeds 0 to 1" in warning and "--seed 2" in warning and str(model) in warning
+    r.phase_check_min = 0.0  # nothing stuck: no redraw
+    assert settle_phase(out / "stage2-short" / "final", smoke / "short.json", smoke / "data", smoke / "base", out, r,
+                        log=lambda *_: None)[2] == []
 
 
 def test_stage2_labels_are_exactly_the_answers(smoke):

@@ -22,7 +22,9 @@ Whether the phase's lookups left their plateau is a draw of the seed, the data a
 rounding (docs/REPRODUCTION.md, "Three seeds" and "The same command on another CPU"), so the recipe checks:
 after the phase, one question of each form on 300 scenes of their own, teacher-forced (greedy exact match
 from one forward pass, under a minute), and while a form scores below 75% the phase gets one more
-epoch with the learning rate warmed up again, at most twice. A draw that broke out pays only the check.
+epoch with the learning rate warmed up again, at most twice. A draw still stuck after them is drawn again:
+stage 1 and the phase on the next seed, checked the same way, and stage 2 starts from the draw whose check
+ended best. A draw that broke out pays only the check.
 
 Stage 2 closes (no paper counterpart either) with a reasoning pass: from stage 2's model, per training
 image one sample of fresh draws of the same question forms, three or four reasoning questions and two
@@ -102,6 +104,9 @@ class Recipe:
     phase_check_scenes: int = 0
     phase_check_min: float = 0.75
     phase_extra_epochs: int = 2
+    # A phase still stuck after its extra epochs: stage 1 and the phase again on the next seed, checked the
+    # same way, at most this many times; stage 2 starts from the draw whose check ended best.
+    phase_redraws: int = 0
     reasoning_pass: StageConfig | None = None  # the pass that closes stage 2 (module doc); None: none
     notes: dict = field(default_factory=dict)
 
@@ -144,7 +149,7 @@ def with_short_phase(r: Recipe, smoke: bool = False) -> Recipe:
                                 group_by_length=False, fresh_llm=not smoke, max_grad_norm=0.0,
                                 adam_beta2=0.95)
     r.stage2.epochs = 2
-    r.phase_check_scenes, r.phase_extra_epochs = (16, 0) if smoke else (300, 2)
+    r.phase_check_scenes, r.phase_extra_epochs, r.phase_redraws = (16, 0, 0) if smoke else (300, 2, 1)
     return r
 
 
@@ -255,6 +260,7 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         if sc is not None:
             sc.precision, sc.compile, sc.seed = r.precision, r.compile, r.seed
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     report: dict = {"recipe": name, "config": asdict(r), "timings": {}}
     t0 = time.time()
     if reuse is not None:
@@ -277,17 +283,12 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         report["timings"].update(base["timings"])
     t = time.time()
     phase_from = None  # a reused run whose short-question phase this one would train again
-    build_llava(base_dir / "clip", base_dir / "llm", base_dir / "tokenizer", out / "stage0",
-                projector_type=r.projector_type, feature_layer=r.feature_layer, seed=r.seed)
-    if r.stage1.epochs <= 0:  # ablation: straight to stage 2 with an untrained projector
-        s1, stage2_from = {"skipped": True}, out / "stage0"
-    elif reuse is not None and _same_stage1(reuse, r):
+    if reuse is not None and r.stage1.epochs > 0 and _same_stage1(reuse, r):
         s1, stage2_from = {"reused": str(reuse / "stage1" / "final")}, reuse / "stage1" / "final"
         log(f"reusing stage 1 from {stage2_from} (same vision features, projector and stage-1 settings)")
         phase_from = reuse if _same_phase(reuse, r) else None
     else:
-        s1 = run_stage(out / "stage0", data / "pretrain.json", data, out / "stage1", r.stage1, log=log)
-        stage2_from = out / "stage1" / "final"
+        s1, stage2_from = draw_stage1(base_dir, data, out, r, log)
     report["timings"]["stage1_s"] = time.time() - t
     t = time.time()
     instruct = data / "instruct.json"
@@ -308,7 +309,9 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
         report["stage2_short"] = run_stage(stage2_from, short, data, out / "stage2-short", r.short_phase, log=log)
         stage2_from = out / "stage2-short" / "final"
         if r.phase_check_scenes:
-            stage2_from, report["phase_check"] = check_phase(stage2_from, short, data, out, r, log)
+            stage2_from, report["phase_check"], redraws = settle_phase(stage2_from, short, data, base_dir, out, r, log)
+            if redraws:
+                report["phase_redraws"] = redraws
         report["phase_model"] = str(stage2_from.relative_to(out))
         report["timings"]["stage2_short_s"] = time.time() - t
         t = time.time()
@@ -340,32 +343,84 @@ def run_recipe(out: Path, name: str = "default", ship_to: Path | None = None, lo
 PHASE_CHECK_SKIPS = ("q_relative_short",)
 
 
-def check_phase(model: Path, short: Path, data: Path, out: Path, r: Recipe, log=print) -> tuple[Path, list[dict]]:
-    """The check after the short-question phase (module doc): the model stage 2 starts from (the phase's, or
-    the one after the extra epochs it needed) and each round's accuracy by form."""
+def check_phase(model: Path, short: Path, data: Path, check: Path, out: Path, r: Recipe, log=print,
+                where: Path | None = None) -> tuple[Path, list[dict]]:
+    """The check after the short-question phase (module doc) on the questions `check`
+    (`data.write_lookup_check`): the model stage 2 would start from (the phase's, or the one after the extra
+    epochs it needed, trained into `where`, by default `out`) and each round's accuracy by form."""
     from .evaluate import teacher_forced_by_form
 
-    questions = write_lookup_check(out / "phase-check", r.phase_check_scenes, seed=r.seed)
+    where = where or out
     rounds = []
     for extra in range(r.phase_extra_epochs + 1):
-        by_form = teacher_forced_by_form(model, questions, out / "phase-check")
+        by_form = teacher_forced_by_form(model, check, check.parent)
         stuck = [f for f, v in by_form.items() if f not in PHASE_CHECK_SKIPS and v["accuracy"] < r.phase_check_min]
         rounds.append({"model": str(model.relative_to(out)), "by_form": by_form, "stuck": stuck})
         log("phase check: " + ", ".join(f"{f} {v['accuracy']:.1%}" for f, v in by_form.items())
             + (f"; below {r.phase_check_min:.0%}: {', '.join(stuck)}" if stuck else ""))
-        if not stuck:
-            break
-        if extra == r.phase_extra_epochs:
-            log(f"warning: {', '.join(stuck)} still below {r.phase_check_min:.0%} after {extra} extra epochs; stage 2 "
-                f"starts from {model}, and the final model will fall short on them; `llava-train recipe OUT2 --reuse "
-                f"{out} --seed {r.seed + 1}` draws stage 1 and the phase again on the same data and base models")
+        if not stuck or extra == r.phase_extra_epochs:
             break
         # The same questions in another order, the learning rate warmed up again from the stuck model: a lookup
         # leaves its plateau at its own time, and the first cosine ended before this one did.
         sc = replace(r.short_phase, epochs=1, fresh_llm=False, seed=r.short_phase.seed + 1 + extra)
-        run_stage(model, short, data, out / f"stage2-short-extra{extra + 1}", sc, log=log)
-        model = out / f"stage2-short-extra{extra + 1}" / "final"
+        run_stage(model, short, data, where / f"stage2-short-extra{extra + 1}", sc, log=log)
+        model = where / f"stage2-short-extra{extra + 1}" / "final"
     return model, rounds
+
+
+def settle_phase(model: Path, short: Path, data: Path, base_dir: Path, out: Path, r: Recipe,
+                 log=print) -> tuple[Path, list[dict], list[dict]]:
+    """The check after the phase and what it leads to (module doc): the extra epochs (`check_phase`), then,
+    while every form is not above the bar, stage 1 and the phase drawn again on seeds r.seed + 1, + 2, ... into
+    out/redraw1, redraw2, ..., each checked on the same questions, at most r.phase_redraws times. Returns the
+    model of the draw whose check ended best (fewest forms stuck, then the highest lowest form), the first
+    draw's check rounds and each redraw's report."""
+    def ended(rounds: list[dict]) -> tuple:
+        last = rounds[-1]
+        return len(last["stuck"]), -min(v["accuracy"] for f, v in last["by_form"].items() if f not in PHASE_CHECK_SKIPS)
+
+    check = write_lookup_check(out / "phase-check", r.phase_check_scenes, seed=r.seed)
+    model, rounds = check_phase(model, short, data, check, out, r, log)
+    best, best_rounds, redraws = model, rounds, []
+    for k in range(1, r.phase_redraws + 1):
+        if not best_rounds[-1]["stuck"]:
+            break
+        d, where = with_seed(r, r.seed + k), out / f"redraw{k}"
+        log(f"phase check: still stuck; drawing stage 1 and the phase again with seed {d.seed} into {where}")
+        draw = {"seed": d.seed}
+        draw["stage1"], phase_from = draw_stage1(base_dir, data, where, d, log)
+        short = write_short_questions(data, where / "short.json", seed=d.seed)
+        draw["stage2_short"] = run_stage(phase_from, short, data, where / "stage2-short", d.short_phase, log=log)
+        model, draw["phase_check"] = check_phase(where / "stage2-short" / "final", short, data, check, out, d, log,
+                                                 where=where)
+        redraws.append(draw)
+        if ended(draw["phase_check"]) < ended(best_rounds):
+            best, best_rounds = model, draw["phase_check"]
+    if best_rounds[-1]["stuck"]:
+        tried = f"seed {r.seed}" if not redraws else f"seeds {r.seed} to {r.seed + len(redraws)}"
+        log(f"warning: {', '.join(best_rounds[-1]['stuck'])} still below {r.phase_check_min:.0%} after "
+            f"{r.phase_extra_epochs} extra epochs ({tried}); stage 2 starts from {best}, and the final model will "
+            f"fall short on them; `llava-train recipe OUT2 --reuse {out} --seed {r.seed + len(redraws) + 1}` draws "
+            f"stage 1 and the phase again on the same data and base models")
+    return best, rounds, redraws
+
+
+def draw_stage1(base_dir: Path, data: Path, where: Path, r: Recipe, log=print) -> tuple[dict, Path]:
+    """The LLaVA model built from the base models with r.seed's projector (where/stage0), and stage 1 on it
+    unless the ablation skips it: the stage's report and the model stage 2 starts from."""
+    build_llava(base_dir / "clip", base_dir / "llm", base_dir / "tokenizer", where / "stage0",
+                projector_type=r.projector_type, feature_layer=r.feature_layer, seed=r.seed)
+    if r.stage1.epochs <= 0:  # ablation: straight to stage 2 with an untrained projector
+        return {"skipped": True}, where / "stage0"
+    return (run_stage(where / "stage0", data / "pretrain.json", data, where / "stage1", r.stage1, log=log),
+            where / "stage1" / "final")
+
+
+def with_seed(r: Recipe, seed: int) -> Recipe:
+    """`r` with every draw of its stages on `seed`."""
+    stages = {k: replace(getattr(r, k), seed=seed) for k in ("stage1", "stage2", "short_phase", "reasoning_pass")
+              if getattr(r, k) is not None}
+    return replace(r, seed=seed, **stages)
 
 
 def ship_run(out: Path, ship_to: Path) -> None:
@@ -425,7 +480,8 @@ def _same_phase(run: Path, r: Recipe) -> bool:
         return False
     cfg = {**_recipe_defaults(), **json.loads((run / "report.json").read_text())["config"]}  # older: no check
     return (_same_settings(cfg.get("short_phase"), r.short_phase)
-            and all(cfg[k] == getattr(r, k) for k in ("phase_check_scenes", "phase_check_min", "phase_extra_epochs")))
+            and all(cfg[k] == getattr(r, k) for k in ("phase_check_scenes", "phase_check_min", "phase_extra_epochs",
+                                                      "phase_redraws")))
 
 
 def _same_settings(saved: dict | None, want: StageConfig) -> bool:
