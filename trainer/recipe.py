@@ -371,7 +371,7 @@ def check_phase(model: Path, short: Path, data: Path, check: Path, out: Path, r:
 def settle_phase(model: Path, short: Path, data: Path, base_dir: Path, out: Path, r: Recipe,
                  log=print) -> tuple[Path, list[dict], list[dict]]:
     """The check after the phase and what it leads to (module doc): the extra epochs (`check_phase`), then,
-    while every form is not above the bar, stage 1 and the phase drawn again on seeds r.seed + 1, + 2, ... into
+    while a form is still below the bar, stage 1 and the phase drawn again on seeds r.seed + 1, + 2, ... into
     out/redraw1, redraw2, ..., each checked on the same questions, at most r.phase_redraws times. Returns the
     model of the draw whose check ended best (fewest forms stuck, then the highest lowest form), the first
     draw's check rounds and each redraw's report."""
