@@ -712,6 +712,46 @@ def test_synthetic_data_is_seeded_and_consistent(tmp_path):
     assert len(pretrain) == 6 and len(json.loads((a / "eval.json").read_text())) >= 4
 
 
+def test_threaded_rendering_gives_each_scene_its_own_image_and_boxes(tmp_path):
+    """generate_dataset renders in threads after drawing every scene: each image must be what render gives
+    for its scene alone, and scenes.jsonl must hold the boxes that render filled in."""
+    from llava_rt.trainer.world import Scene, render
+
+    data = generate_dataset(tmp_path / "d", n_train=9, n_eval=3, seed=11)
+    rows = [json.loads(line) for line in (data / "scenes.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(12)]
+    for row in rows:
+        saved = [o.box for o in Scene.from_dict(row["scene"]).objects]
+        fresh = Scene.from_dict(row["scene"])
+        for o in fresh.objects:
+            o.box = (0, 0, 0, 0)
+        drawn = np.asarray(render(fresh))
+        assert [o.box for o in fresh.objects] == saved and all(b != (0, 0, 0, 0) for b in saved)
+        assert np.array_equal(drawn, np.asarray(Image.open(data / "images" / f"{row['id']}.png").convert("RGB")))
+
+
+def test_frozen_tower_features_are_computed_once_per_tower_and_image_set(smoke, tmp_path):
+    from llava_rt.image_processor import ImageProcessorConfig, load_image, preprocess
+    from llava_rt.trainer.stages import image_features
+
+    src, data = smoke / "stage1" / "final", smoke / "data"
+    model, config = load_model(src).eval(), ImageProcessorConfig.load(src)
+    paths = sorted({e["image"] for e in json.loads((data / "instruct.json").read_text())})[:20]
+    with torch.inference_mode():  # the plain way: one batch of every image
+        plain = model.vision_features(torch.from_numpy(preprocess([load_image(data / p) for p in paths], config)))
+    first = image_features(model, data, paths, config, batch=8)  # blocks of 8 read in threads
+    torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5)
+    assert image_features(load_model(src), data, paths, config, batch=8) is first  # another load, same tower
+    changed = load_model(src)
+    with torch.no_grad():
+        changed.vision_tower.embeddings.patch_embedding.weight.mul_(1.5)
+    assert not torch.allclose(image_features(changed, data, paths, config, batch=8), first)
+    moved = tmp_path / "images"  # the same files elsewhere: computed again, to the same values
+    shutil.copytree(data / "images", moved)
+    again = image_features(model, tmp_path, paths, config, batch=8)
+    assert again is not first and torch.equal(again, first)
+
+
 def test_fresh_llm_restarts_the_llm_and_keeps_the_tower_and_projector(smoke, tmp_path):
     from llava_rt.checkpoint import load_model
     from llava_rt.trainer.stages import StageConfig, run_stage

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_rt.config import TextConfig, VisionConfig
-from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessorConfig, load_image, preprocess
+from llava_rt.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessorConfig
 from llava_rt.tokenizer import TextProcessor, build_tokenizer_files
 
 from .base_models import ClipRecipe, ClipRegions, LMRecipe, train_clip, train_llm
@@ -65,7 +65,7 @@ from .data import (corpus_text, generate_dataset, load_scenes, write_lookup_chec
                    write_short_questions)
 from .instructions import at_position, describe, detailed_description
 from .world import COLORS, COLS, MAX_OBJECTS, ROWS, SHAPES, SIZES, SceneObject, patch_coverage, position_name
-from .stages import StageConfig, build_llava, run_stage
+from .stages import StageConfig, build_llava, image_pixels, run_stage
 
 
 @dataclass
@@ -206,10 +206,7 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     scenes = [(sid, s) for sid, s in load_scenes(data_dir).items()]
     train_ids = [sid for sid, _ in scenes][: r.n_train]
     image_config = image_processor_for(r.image_size)
-    pixels = np.concatenate([
-        preprocess([load_image(data_dir / "images" / f"{sid}.png") for sid in train_ids[i : i + 256]], image_config)
-        for i in range(0, len(train_ids), 256)
-    ]).astype(np.float16)
+    pixels = image_pixels(data_dir / "images", [f"{sid}.png" for sid in train_ids], image_config).numpy()
     def encode(s: str) -> list[int]:
         return text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
 
