@@ -108,7 +108,7 @@ def _features_key(model: LlavaForConditionalGeneration, folder: Path, paths: lis
     tower = hashlib.sha256()
     for name, t in model.vision_tower.state_dict().items():
         tower.update(name.encode())
-        tower.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        tower.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     files = tuple((p, (st := (Path(folder) / p).stat()).st_size, st.st_mtime_ns) for p in paths)
     return (tower.hexdigest(), tuple(model._feature_indices), model.config.vision_feature_select_strategy,
             json.dumps(asdict(image_config), sort_keys=True), str(Path(folder).resolve()), files)
