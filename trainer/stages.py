@@ -126,10 +126,9 @@ def image_features(model: LlavaForConditionalGeneration, folder: Path, paths: li
     block = 16 * batch  # read a block in threads, then encode it: the tower's own threads would compete
     with torch.inference_mode(), tqdm(total=len(paths), desc="encoding images (frozen tower)", leave=False) as bar:
         for start in range(0, len(paths), block):
-            pixels = np.concatenate(list(preprocessed_batches(folder, paths[start : start + block], image_config, batch)))
-            for i in range(0, len(pixels), batch):
-                out.append(model.vision_features(torch.from_numpy(pixels[i : i + batch])))
-            bar.update(len(pixels))
+            for pixels in list(preprocessed_batches(folder, paths[start : start + block], image_config, batch)):
+                out.append(model.vision_features(torch.from_numpy(pixels)))
+                bar.update(len(pixels))
     _last_features.clear()  # one entry: a run's stages share one tower and one image set
     _last_features[key] = torch.cat(out)
     return _last_features[key]
