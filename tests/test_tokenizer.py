@@ -150,6 +150,44 @@ def test_template_features_match_transformers(tp, hf):
         tp.apply_chat_template([])
 
 
+def _jinja_render(messages, gen, special, spans):
+    # The same template text, one character longer, is not the fast path's: jinja renders it.
+    return render_chat_template(DEFAULT_CHAT_TEMPLATE + "{{ '' }}", messages, gen, special,
+                                return_assistant_spans=spans)
+
+
+def test_default_template_fast_path_equals_jinja():
+    rng = np.random.default_rng(0)
+    words = ["What", "colour?", "A llama 🦙.", "", " spaced ", "<image>", "x\ny", "</s>", "斑点"]
+    roles = ["user", "assistant", "system", "tool"]
+
+    def block():
+        kind = rng.choice(["image", "text", "text", "video", None])
+        b = {} if kind is None else {"type": str(kind)}
+        if kind == "text" or rng.random() < 0.1:
+            b["text"] = " ".join(rng.choice(words, size=rng.integers(0, 4)))
+        return b
+
+    for trial in range(300):
+        messages = []
+        for _ in range(rng.integers(1, 7)):
+            role = str(rng.choice(roles))
+            content = (" ".join(rng.choice(words, size=rng.integers(0, 4))) if rng.random() < 0.4
+                       else [block() for _ in range(rng.integers(0, 4))])
+            messages.append({"role": role, "content": content})
+        special = {} if trial % 7 == 0 else {"eos_token": "</s>", "bos_token": "<s>"}
+        for gen in (True, False):
+            for spans in (True, False):
+                assert render_chat_template(DEFAULT_CHAT_TEMPLATE, messages, gen, special,
+                                            return_assistant_spans=spans) == _jinja_render(messages, gen, special, spans)
+    # What the fast path leaves to jinja still renders (or fails) as jinja does.
+    odd = [{"role": "user", "content": [{"type": "text", "text": 3}]}]
+    with pytest.raises(ProcessorError):
+        render_chat_template(DEFAULT_CHAT_TEMPLATE, odd, True, {})
+    none_eos = [{"role": "assistant", "content": "hi"}]
+    assert render_chat_template(DEFAULT_CHAT_TEMPLATE, none_eos, False, {"eos_token": None}) == "ASSISTANT: hiNone"
+
+
 def test_assistant_mask_matches_transformers(tp, hf):
     messages = CHATS["multi-turn"]
     ids, mask = tp.encode_chat(messages, add_generation_prompt=False, return_assistant_mask=True)
