@@ -14,6 +14,7 @@ from llava_rt.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     LLAVA_HF_CHAT_TEMPLATE,
     TextProcessor,
+    _render_default_template,
     build_tokenizer_files,
     render_chat_template,
 )
@@ -168,6 +169,7 @@ def test_default_template_fast_path_equals_jinja():
             b["text"] = " ".join(rng.choice(words, size=rng.integers(0, 4)))
         return b
 
+    fast_renders = 0
     for trial in range(300):
         messages = []
         for _ in range(rng.integers(1, 7)):
@@ -176,12 +178,15 @@ def test_default_template_fast_path_equals_jinja():
                        else [block() for _ in range(rng.integers(0, 4))])
             messages.append({"role": role, "content": content})
         special = {} if trial % 7 == 0 else {"eos_token": "</s>", "bos_token": "<s>"}
+        fast_renders += _render_default_template(messages, True, special.get("eos_token", "")) is not None
         for gen in (True, False):
             for spans in (True, False):
                 assert render_chat_template(DEFAULT_CHAT_TEMPLATE, messages, gen, special,
                                             return_assistant_spans=spans) == _jinja_render(messages, gen, special, spans)
+    assert fast_renders == 300  # every random chat above is one the fast path takes
     # What the fast path leaves to jinja still renders (or fails) as jinja does.
     odd = [{"role": "user", "content": [{"type": "text", "text": 3}]}]
+    assert _render_default_template(odd, True, "") is None
     with pytest.raises(ProcessorError):
         render_chat_template(DEFAULT_CHAT_TEMPLATE, odd, True, {})
     none_eos = [{"role": "assistant", "content": "hi"}]
