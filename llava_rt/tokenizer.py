@@ -275,7 +275,7 @@ def _render_default_template(
         if type(content) is not list or any(type(c) is not dict for c in content):
             return None
         kinds = [c.get("type") for c in content]
-        texts = [c.get("text") for c in content if c.get("type") == "text"]
+        texts = [c.get("text") for c, kind in zip(content, kinds) if kind == "text"]
         if any(k is not None and type(k) is not str for k in kinds) or any(type(t) is not str for t in texts):
             return None
         add("<image>\n" * kinds.count("image"))
