@@ -158,6 +158,7 @@ class ClipRecipe:
     patch_weight: float = 0.0  # the same per patch, each patch against its objects' phrases
     feature_layer: int | list[int] = -2  # the projector's layer(s); the region loss pools the last one
     precision: str = "auto"
+    compile: bool = False  # torch.compile the training step (trainer/loop.py)
 
 
 @dataclass
@@ -203,7 +204,7 @@ def train_clip(pixels: np.ndarray, captions: list[list[int]], recipe: ClipRecipe
 
     cfg = TrainConfig(out_dir=str(out_dir / "clip-run"), lr=recipe.lr, batch_size=recipe.batch_size,
                       micro_batch_size=recipe.batch_size, epochs=recipe.epochs, weight_decay=recipe.weight_decay,
-                      seed=seed, precision=recipe.precision, desc="base CLIP (contrastive)")
+                      seed=seed, precision=recipe.precision, compile=recipe.compile, desc="base CLIP (contrastive)")
     summary = train(model, list(model.parameters()), len(captions), loss_fn, lambda idx: 1, cfg,
                     save_model=lambda m, p: save_vision_tower(m.vision, recipe.vision, p, image_config))
     save_vision_tower(model.vision, recipe.vision, out_dir / "clip", image_config)
@@ -258,6 +259,7 @@ class LMRecipe:
     batch_size: int = 64
     epochs: float = 1.0
     precision: str = "auto"
+    compile: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -277,7 +279,7 @@ def train_llm(sequences: list[list[int]], recipe: LMRecipe, out_dir: Path, pad_i
 
     cfg = TrainConfig(out_dir=str(out_dir / "llm-run"), lr=recipe.lr, batch_size=recipe.batch_size,
                       micro_batch_size=recipe.batch_size, epochs=recipe.epochs, seed=seed,
-                      precision=recipe.precision, desc="base LLM (causal LM)")
+                      precision=recipe.precision, compile=recipe.compile, desc="base LLM (causal LM)")
     summary = train(model, list(model.parameters()), len(sequences), loss_fn, lambda idx: int((lengths[idx] - 1).sum()),
                     cfg, save_model=lambda m, p: save_llm(m, recipe.text, p))
     save_llm(model, recipe.text, out_dir / "llm")
