@@ -1040,7 +1040,6 @@ def test_region_phrases_name_each_object_and_optionally_its_place():
         assert [places[k] for k in row[: len(s.objects)]] == [f"at the {o.position}" for o in s.objects]
 
 
-
 @pytest.mark.slow
 def test_compiled_base_clip_training_matches_eager(tmp_path):
     """`llava-train recipe --compile` reaches the base CLIP (ClipRecipe.compile): its contrastive and

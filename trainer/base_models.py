@@ -259,7 +259,6 @@ class LMRecipe:
     batch_size: int = 64
     epochs: float = 1.0
     precision: str = "auto"
-    compile: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -279,7 +278,7 @@ def train_llm(sequences: list[list[int]], recipe: LMRecipe, out_dir: Path, pad_i
 
     cfg = TrainConfig(out_dir=str(out_dir / "llm-run"), lr=recipe.lr, batch_size=recipe.batch_size,
                       micro_batch_size=recipe.batch_size, epochs=recipe.epochs, seed=seed,
-                      precision=recipe.precision, compile=recipe.compile, desc="base LLM (causal LM)")
+                      precision=recipe.precision, desc="base LLM (causal LM)")
     summary = train(model, list(model.parameters()), len(sequences), loss_fn, lambda idx: int((lengths[idx] - 1).sum()),
                     cfg, save_model=lambda m, p: save_llm(m, recipe.text, p))
     save_llm(model, recipe.text, out_dir / "llm")

@@ -96,7 +96,7 @@ class Recipe:
     # so every patch of an object says where the object is; it is what taught "where" (docs/REPRODUCTION.md,
     # "Where things are, from the tower").
     clip_place_phrases: bool = False
-    compile: bool = False  # torch.compile every training step: base CLIP and LLM, both stages (trainer/loop.py)
+    compile: bool = False  # torch.compile the base CLIP's and both stages' training steps (trainer/loop.py)
     short_phase: StageConfig | None = None  # stage 2's short-question phase (module doc); None: none
     # The check after the phase (module doc): one question of each phase form on this many scenes of their
     # own, teacher-forced; while a form scores below phase_check_min, one more epoch of the phase, at most
@@ -229,7 +229,7 @@ def make_base_models(data_dir: Path, base_dir: Path, r: Recipe, log=print) -> di
     t = time.time()
     sequences = [[ids.bos_token_id] + text.tokenizer.encode(s, add_special_tokens=False).ids + [ids.eos_token_id]
                  for s in corpus_text(data_dir)]
-    lm = train_llm(sequences, LMRecipe(r.text, epochs=r.lm_epochs, precision=r.precision, compile=r.compile), base_dir,
+    lm = train_llm(sequences, LMRecipe(r.text, epochs=r.lm_epochs, precision=r.precision), base_dir,
                    pad_id=ids.pad_token_id, seed=r.seed)
     timings["llm_s"] = time.time() - t
     log(f"LLM: final loss {lm['final_loss']:.3f} after {lm['steps']} steps")
